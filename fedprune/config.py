@@ -1,0 +1,62 @@
+"""The pruning configuration shared by every strategy (one frozen, validated dataclass)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from .errors import PruningConfigError
+
+ComparisonGroup = Literal["layer", "row", "column"]
+TieBreak = Literal["random", "magnitude"]
+COMPARISON_GROUPS: tuple[ComparisonGroup, ...] = ("layer", "row", "column")
+TIE_BREAKS: tuple[TieBreak, ...] = ("random", "magnitude")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """What to prune and how the server selects from vote counts (FedPrLLM steps 1-4).
+
+    ``nm`` = (n, m) prunes n of every m consecutive input weights (N:M sparsity);
+    then ``sparsity`` must equal n/m and selection happens inside each M-group.
+    """
+
+    sparsity: float
+    comparison_group: ComparisonGroup = "layer"
+    tie_break: TieBreak = "random"
+    weight_scaling: bool = False
+    nm: tuple[int, int] | None = None
+    seed: int = 0
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.sparsity < 1.0:
+            raise PruningConfigError(f"sparsity must be in (0, 1), got {self.sparsity}")
+        if self.comparison_group not in COMPARISON_GROUPS:
+            raise PruningConfigError(
+                f"unknown comparison group {self.comparison_group!r}; "
+                f"choose one of {', '.join(COMPARISON_GROUPS)}"
+            )
+        if self.tie_break not in TIE_BREAKS:
+            raise PruningConfigError(
+                f"unknown tie-break {self.tie_break!r}; choose one of {', '.join(TIE_BREAKS)}"
+            )
+        if self.batch_size < 1:
+            raise PruningConfigError("batch size must be at least 1")
+        if self.nm is not None:
+            n, m = self.nm
+            if not 0 < n < m:
+                raise PruningConfigError(f"N:M needs 0 < N < M, got {n}:{m}")
+            if abs(n / m - self.sparsity) > 1e-9:
+                raise PruningConfigError(
+                    f"N:M {n}:{m} prunes {n / m:g} of the weights but sparsity is {self.sparsity:g}"
+                )
+
+
+def parse_nm(text: str) -> tuple[int, int]:
+    """Parse '2:4' into (2, 4)."""
+    try:
+        n, m = (int(part) for part in text.split(":"))
+    except ValueError as exc:
+        raise PruningConfigError(f"N:M must look like 2:4, got {text!r}") from exc
+    return n, m

@@ -1,0 +1,17 @@
+"""Typed errors of the pruning package; the command line turns each into one line."""
+
+
+class FedPruneError(Exception):
+    """Base class: a user-facing problem with a pruning run (not a bug)."""
+
+
+class PruningConfigError(FedPruneError):
+    """A pruning setting is out of range or inconsistent (sparsity, N:M, group...)."""
+
+
+class ModelError(FedPruneError):
+    """The model spec cannot be resolved, loaded, or has no prunable decoder blocks."""
+
+
+class DataError(FedPruneError):
+    """A calibration or evaluation source is missing, empty or too short."""

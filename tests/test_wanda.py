@@ -1,0 +1,55 @@
+"""The Wanda scorer and local mask against an independent direct computation."""
+
+import numpy as np
+import pytest
+import torch
+
+from fedprune.config import PruneConfig
+from fedprune.errors import PruningConfigError
+from fedprune.wanda import InputNormStats, local_mask, wanda_scores
+
+
+def test_local_mask_matches_direct_numpy_computation():
+    rng = np.random.default_rng(0)
+    weight = rng.normal(size=(12, 20)).astype(np.float32)
+    inputs = [rng.normal(size=(3, 7, 20)).astype(np.float32) for _ in range(4)]  # 4 batches of 3 seqs
+    stats = InputNormStats(20, torch.device("cpu"))
+    for batch in inputs:
+        stats.add_batch(torch.from_numpy(batch))
+    x = np.concatenate([b.reshape(-1, 20) for b in inputs])
+    col_norm = np.sqrt((x.astype(np.float64) ** 2).sum(0) / 12)  # mean over 12 sequences
+    metric = np.abs(weight) * col_norm[None, :]
+    expected = np.zeros_like(weight, dtype=bool)
+    k = int(20 * 0.4)
+    for r in range(12):
+        expected[r, np.argsort(metric[r], kind="stable")[:k]] = True
+    mask = local_mask(wanda_scores(torch.from_numpy(weight), stats.sq_norm), PruneConfig(0.4))
+    assert np.array_equal(mask.numpy(), expected)
+    assert np.allclose(stats.sq_norm.numpy(), col_norm**2, rtol=1e-5)
+
+
+def test_running_mean_does_not_depend_on_batching():
+    x = torch.randn(10, 5, 8)
+    one = InputNormStats(8, torch.device("cpu"))
+    one.add_batch(x)
+    many = InputNormStats(8, torch.device("cpu"))
+    for part in x.split(3):
+        many.add_batch(part)
+    assert one.nsamples == many.nsamples == 10
+    assert torch.allclose(one.sq_norm, many.sq_norm, rtol=1e-6)
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8)])
+def test_nm_local_mask_pattern(n, m):
+    scores = torch.rand(6, 32)
+    mask = local_mask(scores, PruneConfig(n / m, nm=(n, m)))
+    groups = mask.reshape(6, 32 // m, m)
+    assert (groups.sum(-1) == n).all()
+    # the pruned ones are the smallest in their group
+    s = scores.reshape(6, 32 // m, m)
+    assert (s.masked_fill(~groups, -1).amax(-1) <= s.masked_fill(groups, 2).amin(-1)).all()
+
+
+def test_nm_needs_divisible_width():
+    with pytest.raises(PruningConfigError):
+        local_mask(torch.rand(2, 6), PruneConfig(0.5, nm=(2, 4)))
