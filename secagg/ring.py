@@ -1,0 +1,115 @@
+"""Arithmetic in Z_(2^b) on densely packed lanes, b in {1, 2, 4, 8, 16}.
+
+Layout: element ``e`` occupies bits ``[e*b, (e+1)*b)`` of a little-endian bit
+stream (for b = 16, a little-endian uint16 array). Packed arrays are added and
+subtracted lane-wise without unpacking: b = 8 and 16 use native wrap-around
+integer arithmetic, sub-byte lanes use SWAR carry masking on 64-bit words.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import ConfigError
+
+LANE_BITS = (1, 2, 4, 8, 16)
+# High bit of every lane, repeated over a 64-bit word (for SWAR carry masking).
+_HIGH = {1: 0xFFFFFFFFFFFFFFFF, 2: 0xAAAAAAAAAAAAAAAA, 4: 0x8888888888888888}
+
+
+def lane_bits_for(num_clients: int) -> int:
+    """Smallest lane width b with 2^b > m, so a sum of m binary votes never wraps."""
+    for bits in LANE_BITS:
+        if (1 << bits) > num_clients:
+            return bits
+    raise ConfigError(f"{num_clients} clients exceed the widest lane (16 bits)")
+
+
+def packed_nbytes(count: int, bits: int) -> int:
+    """Bytes needed for ``count`` lanes of ``bits`` bits."""
+    return (count * bits + 7) // 8
+
+
+def pack(values: np.ndarray, bits: int) -> np.ndarray:
+    """Pack non-negative integers < 2^bits into a uint8 array."""
+    _check_bits(bits)
+    values = np.asarray(values)
+    if bits == 16:
+        return values.astype("<u2").view(np.uint8)
+    if bits == 8:
+        return values.astype(np.uint8)
+    per_byte = 8 // bits
+    padded = np.zeros(-(-len(values) // per_byte) * per_byte, dtype=np.uint8)
+    padded[: len(values)] = values
+    lanes = padded.reshape(-1, per_byte)
+    out = np.zeros(len(lanes), dtype=np.uint8)
+    for j in range(per_byte):
+        out |= lanes[:, j] << np.uint8(j * bits)
+    return out
+
+
+def unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Inverse of :func:`pack`: the first ``count`` lanes (uint8, or uint16 for b = 16)."""
+    _check_bits(bits)
+    packed = np.asarray(packed, dtype=np.uint8)
+    if bits == 16:
+        return packed[: 2 * count].view("<u2").astype(np.uint16)
+    if bits == 8:
+        return packed[:count].copy()
+    per_byte = 8 // bits
+    lane_mask = np.uint8((1 << bits) - 1)
+    out = np.empty((len(packed), per_byte), dtype=np.uint8)
+    for j in range(per_byte):
+        out[:, j] = (packed >> np.uint8(j * bits)) & lane_mask
+    return out.reshape(-1)[:count]
+
+
+def _words(a: np.ndarray) -> np.ndarray:
+    """View a uint8 array as 64-bit words when its length allows, else as bytes."""
+    return a.view(np.uint64) if a.nbytes % 8 == 0 else a
+
+
+def _high(bits: int, dtype) -> np.ndarray:
+    value = _HIGH[bits]
+    return np.array(value if dtype == np.uint64 else value & 0xFF, dtype=dtype)
+
+
+def add_(acc: np.ndarray, x: np.ndarray, bits: int) -> np.ndarray:
+    """acc += x (mod 2^b per lane), in place on packed uint8 arrays of equal length."""
+    if bits == 8:
+        np.add(acc, x, out=acc)
+    elif bits == 16:
+        a16 = acc.view(np.uint16)
+        np.add(a16, x.view(np.uint16), out=a16)
+    else:
+        a, b = _words(acc), _words(x)
+        high = _high(bits, a.dtype)
+        low = ~high
+        carry_free = (a & low) + (b & low)  # no lane overflows into the next one
+        np.bitwise_xor(a, b, out=a)
+        a &= high
+        a ^= carry_free
+    return acc
+
+
+def sub_(acc: np.ndarray, x: np.ndarray, bits: int) -> np.ndarray:
+    """acc -= x (mod 2^b per lane), in place on packed uint8 arrays of equal length."""
+    if bits == 8:
+        np.subtract(acc, x, out=acc)
+    elif bits == 16:
+        a16 = acc.view(np.uint16)
+        np.subtract(a16, x.view(np.uint16), out=a16)
+    else:
+        a, b = _words(acc), _words(x)
+        high = _high(bits, a.dtype)
+        low = ~high
+        borrow_free = (a | high) - (b & low)  # every lane keeps its own borrow bit
+        np.bitwise_xor(a, ~b, out=a)
+        a &= high
+        a ^= borrow_free
+    return acc
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in LANE_BITS:
+        raise ConfigError(f"lane width must be one of {LANE_BITS}, got {bits}")

@@ -1,0 +1,77 @@
+"""Shamir t-of-n secret sharing of 32-byte secrets over the prime field GF(2^521 - 1)."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from .errors import ShareError
+
+PRIME = (1 << 521) - 1  # a Mersenne prime, far above any 256-bit secret
+SHARE_BYTES = 66
+SECRET_BYTES = 32
+
+
+@dataclass(frozen=True)
+class Share:
+    """The point (x, f(x)) of the sharing polynomial; x is the holder's index + 1."""
+
+    x: int
+    y: bytes  # SHARE_BYTES, big-endian
+
+    def __post_init__(self) -> None:
+        if not 0 < self.x < PRIME or len(self.y) != SHARE_BYTES:
+            raise ShareError("malformed share")
+
+
+def split(secret: bytes, threshold: int, xs: Sequence[int]) -> dict[int, Share]:
+    """Shares of ``secret`` for the holders at ``xs``; any ``threshold`` of them recover it."""
+    if len(secret) != SECRET_BYTES:
+        raise ShareError(f"secrets are {SECRET_BYTES} bytes, got {len(secret)}")
+    if not 1 <= threshold <= len(xs):
+        raise ShareError(f"threshold {threshold} must be between 1 and the {len(xs)} holders")
+    if len(set(xs)) != len(xs) or any(x <= 0 for x in xs):
+        raise ShareError("share points must be distinct and positive")
+    coeffs = [int.from_bytes(secret, "big")] + [secrets.randbelow(PRIME) for _ in range(threshold - 1)]
+    shares = {}
+    for x in xs:
+        y = 0
+        for c in reversed(coeffs):  # Horner
+            y = (y * x + c) % PRIME
+        shares[x] = Share(x, y.to_bytes(SHARE_BYTES, "big"))
+    return shares
+
+
+def _interpolate_at(points: Sequence[tuple[int, int]], at: int) -> int:
+    total = 0
+    for i, (xi, yi) in enumerate(points):
+        num, den = 1, 1
+        for j, (xj, _) in enumerate(points):
+            if i != j:
+                num = num * (at - xj) % PRIME
+                den = den * (xi - xj) % PRIME
+        total = (total + yi * num * pow(den, -1, PRIME)) % PRIME
+    return total
+
+
+def combine(shares: Sequence[Share] | Mapping[int, Share], threshold: int) -> bytes:
+    """Recover the secret from at least ``threshold`` shares.
+
+    Extra shares are checked against the polynomial through the first ``threshold``:
+    shares that do not agree raise :class:`ShareError` instead of a wrong secret.
+    """
+    items = list(shares.values()) if isinstance(shares, Mapping) else list(shares)
+    if len({s.x for s in items}) != len(items):
+        raise ShareError("duplicate share points")
+    if len(items) < threshold:
+        raise ShareError(f"need {threshold} shares to reconstruct, got {len(items)}")
+    points = [(s.x, int.from_bytes(s.y, "big")) for s in items]
+    base = points[:threshold]
+    for x, y in points[threshold:]:
+        if _interpolate_at(base, x) != y:
+            raise ShareError("inconsistent shares: they do not lie on one polynomial")
+    secret = _interpolate_at(base, 0)
+    if secret >> (8 * SECRET_BYTES):
+        raise ShareError("inconsistent shares: the reconstructed value is not a 32-byte secret")
+    return secret.to_bytes(SECRET_BYTES, "big")

@@ -1,0 +1,245 @@
+"""The protocol end to end in process: correctness under dropouts, refusals, rejections."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from secagg import (
+    DecryptionError,
+    ProtocolError,
+    RefusalError,
+    ReplayError,
+    SignatureError,
+    ThresholdError,
+    UnknownSenderError,
+    make_session,
+    run_round,
+    simulate,
+)
+from secagg.messages import MaskedChunk, UnmaskRequest
+from secagg.ring import LANE_BITS
+
+
+def _expected_ok(config, dropouts, num_clients):
+    t = config.threshold
+    u2 = {c for c in range(num_clients) if dropouts.get(c) != "before_key_sharing"}
+    u3 = {c for c in u2 if dropouts.get(c) != "after_key_sharing"}
+    u4 = {c for c in u3 if dropouts.get(c) != "after_masked_input"}
+    if min(len(u2), len(u3), len(u4)) < t:
+        return False, u3
+    holders_ok = all(len(config.graph[v] & u4) >= t for v in u2)
+    return holders_ok, u3
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_unmasked_result_equals_plain_sum_over_survivors(data):
+    m = data.draw(st.integers(2, 20), label="clients")
+    bits = data.draw(st.sampled_from([b for b in LANE_BITS if (1 << b) > m]), label="bits")
+    length = data.draw(st.integers(1, 700), label="length")
+    chunk = data.draw(st.sampled_from([128, 256, 384]), label="chunk")
+    k = data.draw(st.sampled_from([None] + [x for x in (2, 4, 6) if x < m - 1]), label="k")
+    hood = m - 1 if k is None else k
+    t = data.draw(st.integers(1, hood), label="t")
+    points = st.sampled_from(["before_key_sharing", "after_key_sharing", "after_masked_input"])
+    dropouts = data.draw(st.dictionaries(st.integers(0, m - 1), points, max_size=m), label="dropouts")
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    vectors = {c: rng.integers(0, 2, length) for c in range(m)}  # binary masks, as in pruning
+
+    config, server, clients = make_session(m, length, threshold=t, neighbours=k, lane_bits=bits,
+                                           chunk_elems=chunk)
+    for c in clients.values():
+        server.receive_advertisement(c.advertise())
+    directory = server.key_directory()
+    for c in clients.values():
+        c.receive_keys(directory)
+    ok, u3 = _expected_ok(config, dropouts, m)
+    if ok:
+        result = run_round(server, clients, vectors, 0, dropouts)
+        assert set(result.survivors) == u3
+        assert np.array_equal(result.total, sum(vectors[c] for c in u3))
+    else:
+        with pytest.raises(ThresholdError):
+            run_round(server, clients, vectors, 0, dropouts)
+        assert server.phase == "done"  # aborted: no result can be taken out
+        with pytest.raises(ProtocolError):
+            server.finish()
+
+
+def _session(m=5, length=300, **kw):
+    config, server, clients = make_session(m, length, chunk_elems=128, **kw)
+    for c in clients.values():
+        server.receive_advertisement(c.advertise())
+    d = server.key_directory()
+    for c in clients.values():
+        c.receive_keys(d)
+    return config, server, clients
+
+
+def _through_input(server, clients, vectors, round_number=0, skip=()):
+    server.begin_round(round_number)
+    for c in clients:
+        server.receive_shares(clients[c].share_keys(round_number))
+    for c, bundle in server.share_bundles().items():
+        clients[c].receive_shares(bundle)
+        if c not in skip:
+            for chunk in clients[c].masked_chunks(vectors[c]):
+                server.receive_chunk(chunk)
+
+
+def test_client_refuses_to_reveal_both_shares_of_a_peer():
+    config, server, clients = _session()
+    vectors = {c: np.ones(300, dtype=np.uint8) for c in clients}
+    _through_input(server, clients, vectors, skip={4})
+    survivors = server.survivor_list()
+    for c in survivors.survivors:
+        server.receive_signature(clients[c].sign_survivors(survivors))
+    request = server.unmask_request()
+    first = clients[0].unmask(request)
+    assert 4 in first.key_shares and 1 in first.self_mask_shares
+    # A lying server now claims client 4 survived and 1 dropped: that would unmask them.
+    forged = UnmaskRequest(request.session, request.round, (0, 2, 3, 4), request.signatures)
+    with pytest.raises(RefusalError):
+        clients[0].unmask(forged)
+    with pytest.raises(RefusalError):
+        clients[0].unmask(request)  # and it answers only once per round
+
+
+def test_revealed_key_share_blocks_later_self_mask_share():
+    """Multi-round: a client whose key was reconstructed is excluded; peers refuse to unmask it."""
+    config, server, clients = _session(m=5, threshold=2)
+    rng = np.random.default_rng(0)
+    v0 = {c: rng.integers(0, 2, 300) for c in clients}
+    r0 = run_round(server, clients, v0, 0, {3: "after_key_sharing"})
+    assert r0.dropped == (3,) and np.array_equal(r0.total, sum(v0[c] for c in (0, 1, 2, 4)))
+    assert 3 in server.excluded
+    v1 = {c: rng.integers(0, 2, 300) for c in clients}
+    r1 = run_round(server, clients, v1, 1)  # 3 is no longer eligible
+    assert set(r1.survivors) == {0, 1, 2, 4}
+    assert np.array_equal(r1.total, sum(v1[c] for c in (0, 1, 2, 4)))
+    assert clients[0]._key_revealed == {3}
+
+
+def test_fresh_self_mask_each_round():
+    config, server, clients = _session(m=3, threshold=2)
+    vectors = {c: np.zeros(300, dtype=np.uint8) for c in clients}
+    a = run_round(server, clients, vectors, 0, record=True)
+    b = run_round(server, clients, vectors, 1, record=True)
+    assert a.masked_inputs[0] != b.masked_inputs[0]
+    assert np.array_equal(b.total, np.zeros(300))
+
+
+def test_replayed_forged_and_malformed_messages_are_rejected_and_round_still_completes():
+    config, server, clients = _session()
+    rng = np.random.default_rng(1)
+    vectors = {c: rng.integers(0, 2, 300) for c in clients}
+    server.begin_round(0)
+    shares = {c: clients[c].share_keys(0) for c in clients}
+    for s in shares.values():
+        server.receive_shares(s)
+    with pytest.raises(ProtocolError, match="duplicate"):
+        server.receive_shares(shares[0])
+    bundles = server.share_bundles()
+    with pytest.raises(ProtocolError):  # share phase is closed
+        server.receive_shares(shares[1])
+    for c, bundle in bundles.items():
+        clients[c].receive_shares(bundle)
+    chunks = {c: list(clients[c].masked_chunks(vectors[c])) for c in clients}
+    good = chunks[0][0]
+    bad = [
+        (dataclasses.replace(good, round=1), ReplayError),
+        (dataclasses.replace(good, session=b"x" * 16), ProtocolError),
+        (dataclasses.replace(good, sender=99), UnknownSenderError),
+        (dataclasses.replace(good, offset=5), ProtocolError),
+        (dataclasses.replace(good, offset=1024), ProtocolError),
+        (dataclasses.replace(good, data=good.data[:-1]), ProtocolError),
+    ]
+    for msg, error in bad:
+        with pytest.raises(error):
+            server.receive_chunk(msg)
+    for c in clients:
+        for chunk in chunks[c]:
+            server.receive_chunk(chunk)
+    with pytest.raises(ProtocolError, match="duplicate chunk"):
+        server.receive_chunk(good)
+    survivors = server.survivor_list()
+    sigs = {c: clients[c].sign_survivors(survivors) for c in clients}
+    forged = dataclasses.replace(sigs[1], signature=sigs[2].signature)
+    with pytest.raises(SignatureError):
+        server.receive_signature(forged)
+    for s in sigs.values():
+        server.receive_signature(s)
+    request = server.unmask_request()
+    for c in clients:
+        server.receive_unmask(clients[c].unmask(request))
+    assert np.array_equal(server.finish(), sum(vectors.values()))
+    assert server.rejected["ProtocolError"] >= 5 and server.rejected["SignatureError"] == 1
+
+
+def test_tampered_share_ciphertext_is_rejected():
+    config, server, clients = _session()
+    server.begin_round(0)
+    for c in clients:
+        server.receive_shares(clients[c].share_keys(0))
+    bundle = server.share_bundles()[0]
+    sender, sealed = next(iter(bundle.ciphertexts.items()))
+    flipped = sealed[:-1] + bytes([sealed[-1] ^ 1])
+    with pytest.raises(DecryptionError):
+        clients[0].receive_shares(dataclasses.replace(bundle, ciphertexts={sender: flipped}))
+    # a share sealed for client 0, re-addressed to client 1, does not open
+    with pytest.raises(DecryptionError):
+        clients[1].receive_shares(dataclasses.replace(bundle, receiver=1, ciphertexts={
+            s: c for s, c in bundle.ciphertexts.items() if s != 1}))
+
+
+def test_forged_key_advertisement_is_rejected():
+    config, server, clients = make_session(3, 100, chunk_elems=128)
+    ad = clients[0].advertise()
+    forged = dataclasses.replace(ad, mask_public=clients[1].advertise().mask_public)
+    with pytest.raises(SignatureError):
+        server.receive_advertisement(forged)
+    with pytest.raises(UnknownSenderError):
+        server.receive_advertisement(dataclasses.replace(ad, sender=7))
+    server.receive_advertisement(ad)  # the genuine one is still accepted
+
+
+def test_fewer_than_threshold_aborts_with_nothing_out():
+    vectors = [np.ones(200, dtype=np.uint8) for _ in range(4)]
+    with pytest.raises(ThresholdError, match="at least t = 3"):
+        simulate(vectors, threshold=3, chunk_elems=128,
+                 dropouts={0: "after_key_sharing", 1: "after_key_sharing"})
+
+
+def test_partial_masked_vector_aborts_the_round():
+    config, server, clients = _session(m=3, threshold=2)
+    server.begin_round(0)
+    for c in clients:
+        server.receive_shares(clients[c].share_keys(0))
+    for c, bundle in server.share_bundles().items():
+        clients[c].receive_shares(bundle)
+        for i, chunk in enumerate(clients[c].masked_chunks(np.ones(300, dtype=np.uint8))):
+            if c != 2 or i == 0:
+                server.receive_chunk(chunk)
+    from secagg import IncompleteInputError
+
+    with pytest.raises(IncompleteInputError, match=r"\[2\]"):
+        server.survivor_list()
+
+
+def test_client_rejects_wrong_round_bundle():
+    config, server, clients = _session(m=3, threshold=2)
+    server.begin_round(0)
+    for c in clients:
+        server.receive_shares(clients[c].share_keys(0))
+    bundle = server.share_bundles()[0]
+    with pytest.raises(ReplayError):
+        clients[0].receive_shares(dataclasses.replace(bundle, round=1))
+
+
+def test_bytes_on_the_wire_are_lane_width_per_element():
+    vectors = [np.ones(1 << 12, dtype=np.uint8) for _ in range(8)]
+    result = simulate(vectors, chunk_elems=1024, record=True)
+    assert all(len(v) == (1 << 12) * 4 // 8 for v in result.masked_inputs.values())
