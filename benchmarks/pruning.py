@@ -33,8 +33,11 @@ def main() -> int:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=32)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--runs", default="centralized,one-shot:layer,one-shot:row,one-shot:column,"
-                   "one-shot:layer:scaling,iterative:layer")
+    p.add_argument(
+        "--runs",
+        default="centralized,one-shot:layer,one-shot:row,one-shot:column,"
+        "one-shot:layer:scaling,iterative:layer",
+    )
     args = p.parse_args()
     data_dir = Path(args.data)
     wiki, ptb = data_dir / "wikitext-2", data_dir / "ptb"
@@ -44,16 +47,27 @@ def main() -> int:
     specs = []
     for item in args.runs.split(","):
         strategy, *rest = item.split(":")
-        cfg = PruneConfig(0.5, comparison_group=rest[0] if rest else "layer",
-                          weight_scaling="scaling" in rest, seed=0, batch_size=8)
+        cfg = PruneConfig(
+            0.5,
+            comparison_group=rest[0] if rest else "layer",
+            weight_scaling="scaling" in rest,
+            seed=0,
+            batch_size=8,
+        )
         specs.append(RunSpec(strategy, cfg))
     lm = load_model("smollm2-135m", device=args.device)
-    data = prepare_data(lm, DataConfig(
-        calib=(str(wiki / "valid.txt"),),
-        eval_sources=(str(wiki / "test.txt"), str(ptb / "ptb.test.txt")),
-        clients=args.clients, nsamples=args.nsamples, seqlen=args.seqlen,
-        eval_windows=args.eval_windows, seed=0,
-    ))
+    data = prepare_data(
+        lm,
+        DataConfig(
+            calib=(str(wiki / "valid.txt"),),
+            eval_sources=(str(wiki / "test.txt"), str(ptb / "ptb.test.txt")),
+            clients=args.clients,
+            nsamples=args.nsamples,
+            seqlen=args.seqlen,
+            eval_windows=args.eval_windows,
+            seed=0,
+        ),
+    )
     report = run_study(lm, data, specs, progress=True)
     report["machine"] = {
         "cpu": platform.processor() or platform.machine(),

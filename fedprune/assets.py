@@ -58,9 +58,7 @@ class AssetError(FedPruneError):
 
 def cache_dir() -> Path:
     """The cache root: $FEDPRUNE_CACHE, else ~/.cache/fedprune."""
-    root = os.environ.get("FEDPRUNE_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "fedprune"
-    )
+    root = os.environ.get("FEDPRUNE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fedprune")
     return Path(root)
 
 

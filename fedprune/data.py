@@ -101,8 +101,7 @@ def load_text(source: str, split: Split) -> str:
     path = Path(source).expanduser()
     if path.suffix not in (".txt", ".jsonl", ".tokens", ".raw") and not path.is_file():
         raise DataError(
-            f"unknown data source {source!r}: use 'embedded', {', '.join(HUB_SOURCES)}, "
-            "or a .txt/.jsonl file"
+            f"unknown data source {source!r}: use 'embedded', {', '.join(HUB_SOURCES)}, or a .txt/.jsonl file"
         )
     return _file_text(path)
 
@@ -116,8 +115,7 @@ def check_source(source: str) -> None:
         if path.suffix in (".txt", ".jsonl", ".tokens", ".raw") or path.parent != Path("."):
             raise DataError(f"data file not found: {source}")
         raise DataError(
-            f"unknown data source {source!r}: use 'embedded', {', '.join(HUB_SOURCES)}, "
-            "or a .txt/.jsonl file"
+            f"unknown data source {source!r}: use 'embedded', {', '.join(HUB_SOURCES)}, or a .txt/.jsonl file"
         )
 
 
@@ -140,8 +138,7 @@ def sample_windows(token_ids: torch.Tensor, nsamples: int, seqlen: int, seed: in
         raise DataError("nsamples must be at least 1")
     if len(token_ids) < seqlen + 2:
         raise DataError(
-            f"the calibration text has {len(token_ids)} tokens, too short for windows of "
-            f"{seqlen} tokens"
+            f"the calibration text has {len(token_ids)} tokens, too short for windows of {seqlen} tokens"
         )
     rng = random.Random(seed)
     starts = [rng.randint(0, len(token_ids) - seqlen - 1) for _ in range(nsamples)]

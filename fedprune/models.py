@@ -62,8 +62,7 @@ class Layout:
 
     def to_json(self) -> list[dict]:
         return [
-            {"name": s.name, "block": s.block, "shape": list(s.shape), "offset": s.offset}
-            for s in self.slots
+            {"name": s.name, "block": s.block, "shape": list(s.shape), "offset": s.offset} for s in self.slots
         ]
 
 

@@ -98,9 +98,7 @@ class PreparedData:
 def prepare_data(lm: LoadedModel, data: DataConfig) -> PreparedData:
     """Tokenize the sources, sample calibration windows, split them, cut eval windows."""
     if data.seqlen > lm.max_context:
-        raise DataError(
-            f"seqlen {data.seqlen} exceeds the model's context of {lm.max_context} tokens"
-        )
+        raise DataError(f"seqlen {data.seqlen} exceeds the model's context of {lm.max_context} tokens")
     texts = [tokenize(lm.tokenizer, load_text(src, "calibration")) for src in data.calib]
     if data.partition == "iid":
         pooled = torch.cat(texts)
@@ -158,7 +156,7 @@ def run_spec(
     if spec.strategy == "local-only":
         snapshot = WeightSnapshot(lm)
         per_client, sparsities, times = [], [], []
-        for c, windows in enumerate(data.client_windows):
+        for windows in data.client_windows:
             snapshot.restore(lm)
             result = prune(lm.model, [windows], spec.prune, "centralized", progress=progress)
             times.append(result.timings["prune_total"])

@@ -98,12 +98,14 @@ def prune(
         for h in hidden:
             stats = runner.collect_stats(i, h)
             local.append(
-                {n: local_mask(wanda_scores(linears[n].weight.data, s.sq_norm), config)
-                 for n, s in stats.items()}
+                {
+                    n: local_mask(wanda_scores(linears[n].weight.data, s.sq_norm), config)
+                    for n, s in stats.items()
+                }
             )
         last = i == len(blocks) - 1  # the last block's outputs are never needed
         if strategy == "one-shot" and not last:
-            hidden = [runner.forward(i, h, masks) for h, masks in zip(hidden, local)]
+            hidden = [runner.forward(i, h, masks) for h, masks in zip(hidden, local, strict=True)]
         timings["calibration"] += time.perf_counter() - t0
         if strategy == "centralized":
             block_final, counts = local[0], None

@@ -43,20 +43,29 @@ def _add_simulate(sub) -> None:
         help="prune in process with m simulated clients and report perplexity",
         description="FedPrLLM in one process: m clients on split calibration data, no network.",
     )
-    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m (embedded), hub id, model dir or .gguf")
+    p.add_argument(
+        "--model", default="smollm2-135m", help="smollm2-135m (embedded), hub id, model dir or .gguf"
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--nsamples", type=int, default=16, help="calibration windows in total")
     p.add_argument("--seqlen", type=int, default=128, help="tokens per window")
     p.add_argument("--sparsity", type=float, default=0.5)
-    p.add_argument("--strategy", default="one-shot", choices=["centralized", "local-only", "one-shot", "iterative"])
+    p.add_argument(
+        "--strategy", default="one-shot", choices=["centralized", "local-only", "one-shot", "iterative"]
+    )
     p.add_argument("--group", default="layer", choices=["layer", "row", "column"], help="comparison group")
     p.add_argument("--tie-break", default="random", choices=["random", "magnitude"])
     p.add_argument("--weight-scaling", action="store_true", help="scale kept weights by (m - votes)/m")
     p.add_argument("--nm", default=None, help="N:M semi-structured sparsity, e.g. 2:4")
-    p.add_argument("--calib", nargs="+", default=["embedded"], metavar="SOURCE",
-                   help="calibration sources: embedded, wikitext2, ptb, c4, or .txt/.jsonl files")
+    p.add_argument(
+        "--calib",
+        nargs="+",
+        default=["embedded"],
+        metavar="SOURCE",
+        help="calibration sources: embedded, wikitext2, ptb, c4, or .txt/.jsonl files",
+    )
     p.add_argument("--partition", default="iid", choices=["iid", "source", "dirichlet"])
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (partition dirichlet)")
     p.add_argument("--eval", default="embedded", help="comma-separated eval sources (names or files)")
@@ -154,6 +163,7 @@ def _cmd_simulate(args) -> int:
     if args.json:
         atomic_write_text(args.json, json.dumps(report, indent=2))
     if args.save_model and not args.study:
+
         def fill(tmp: Path) -> None:
             lm.model.save_pretrained(tmp, safe_serialization=True)
             lm.tokenizer.save_pretrained(tmp)

@@ -13,7 +13,9 @@ def markdown_table(report: dict) -> str:
     header = ["run", "sparsity", *(f"ppl {label}" for label in eval_labels), "prune s"]
     rows = []
     if report.get("dense"):
-        rows.append(["dense", "0.000", *(f"{report['dense']['perplexity'][x]:.2f}" for x in eval_labels), "-"])
+        rows.append(
+            ["dense", "0.000", *(f"{report['dense']['perplexity'][x]:.2f}" for x in eval_labels), "-"]
+        )
     for run in runs:
         ppl = []
         for label in eval_labels:

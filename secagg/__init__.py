@@ -25,8 +25,23 @@ from .server import ServerSession
 from .simulate import SimulationResult, make_session, run_round, simulate
 
 __all__ = [
-    "ClientSession", "ConfigError", "DecryptionError", "IncompleteInputError", "ProtocolError",
-    "RefusalError", "ReplayError", "SecAggError", "ServerSession", "SessionConfig", "ShareError",
-    "SignatureError", "SimulationResult", "ThresholdError", "UnknownSenderError", "lane_bits_for",
-    "make_session", "run_round", "simulate",
+    "ClientSession",
+    "ConfigError",
+    "DecryptionError",
+    "IncompleteInputError",
+    "ProtocolError",
+    "RefusalError",
+    "ReplayError",
+    "SecAggError",
+    "ServerSession",
+    "SessionConfig",
+    "ShareError",
+    "SignatureError",
+    "SimulationResult",
+    "ThresholdError",
+    "UnknownSenderError",
+    "lane_bits_for",
+    "make_session",
+    "run_round",
+    "simulate",
 ]

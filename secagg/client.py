@@ -167,7 +167,6 @@ class ClientSession:
             (v, MaskStream.derive(self._pair_seeds[v], context(session, rnd, "pair", *sorted((self.id, v)))))
             for v in sorted(self._active)
         ]
-        scratch = np.empty(cfg.chunk_nbytes(0), dtype=np.uint8)
         for offset in range(0, cfg.vector_length, cfg.chunk_elems):
             count = cfg.chunk_count(offset)
             chunk = source(offset, count)
@@ -175,10 +174,9 @@ class ClientSession:
                 raise ProtocolError(f"input chunk at {offset} must hold {count} values < 2^{cfg.lane_bits}")
             data = pack(chunk, cfg.lane_bits)
             byte_offset = cfg.byte_offset(offset)
-            mask = scratch[: len(data)]
-            add_(data, self_stream.fill(byte_offset, mask), cfg.lane_bits)
+            add_(data, self_stream.keystream(byte_offset, len(data)), cfg.lane_bits)
             for v, stream in pair_streams:
-                stream.fill(byte_offset, mask)
+                mask = stream.keystream(byte_offset, len(data))
                 (add_ if self.id < v else sub_)(data, mask, cfg.lane_bits)
             yield MaskedChunk(session, rnd, self.id, offset, data.tobytes())
 
@@ -207,7 +205,9 @@ class ClientSession:
             raise RefusalError("this client already revealed its shares for this round")
         signers = [c for c in request.signatures if c in survivors]
         if len(signers) < self.config.threshold:
-            raise ThresholdError(f"{len(signers)} consistency signatures, threshold is {self.config.threshold}")
+            raise ThresholdError(
+                f"{len(signers)} consistency signatures, threshold is {self.config.threshold}"
+            )
         message = survivors_message(request.session, request.round, survivors)
         for signer in signers:
             keys.verify(self._roster_key(signer), request.signatures[signer], message, f"client {signer}")

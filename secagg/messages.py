@@ -43,7 +43,9 @@ class SessionConfig:
         if self.lane_bits not in LANE_BITS:
             raise ConfigError(f"lane width must be one of {LANE_BITS}, got {self.lane_bits}")
         if (1 << self.lane_bits) <= len(self.clients):
-            raise ConfigError(f"{self.lane_bits}-bit lanes cannot hold a sum over {len(self.clients)} clients")
+            raise ConfigError(
+                f"{self.lane_bits}-bit lanes cannot hold a sum over {len(self.clients)} clients"
+            )
         if self.vector_length < 1:
             raise ConfigError("the vector must have at least one element")
         if self.chunk_elems < CHUNK_ALIGN or self.chunk_elems % CHUNK_ALIGN:

@@ -10,6 +10,7 @@ for lanes ``[e, e + n)`` is the keystream at the packed byte offset of ``e``.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,37 +42,34 @@ class MaskStream:
     def derive(cls, seed: bytes, ctx: bytes) -> MaskStream:
         return cls(hkdf(seed, ctx))
 
-    def fill(self, byte_offset: int, out: np.ndarray) -> np.ndarray:
-        """Write the keystream bytes ``[byte_offset, byte_offset + len(out))`` into ``out``."""
+    def keystream(self, byte_offset: int, length: int) -> np.ndarray:
+        """Keystream bytes ``[byte_offset, byte_offset + length)`` as a uint8 view.
+
+        The view lives in a per-thread buffer that the next call overwrites: consume
+        it (add it into a vector) before asking for more.
+        """
         block, skip = divmod(byte_offset, 16)
         encryptor = Cipher(algorithms.AES(self.key), modes.CTR(block.to_bytes(16, "big"))).encryptor()
         if skip:
             encryptor.update(bytes(skip))
-        n = len(out)
-        zeros = _zeros(n)
-        # update_into needs room for one extra block; write into a view of a wider scratch.
-        scratch = _scratch(n + 15)
-        written = encryptor.update_into(zeros, scratch)
-        out[:] = np.frombuffer(scratch, dtype=np.uint8, count=written)
-        return out
+        buf = _buffers(length)
+        written = encryptor.update_into(buf.zeros[:length], buf.out)  # needs 15 bytes of slack
+        return np.frombuffer(buf.out, dtype=np.uint8, count=written)
 
     def bytes(self, byte_offset: int, length: int) -> bytes:
-        return self.fill(byte_offset, np.empty(length, dtype=np.uint8)).tobytes()
+        return self.keystream(byte_offset, length).tobytes()
 
 
-_ZEROS = memoryview(bytearray(0))
-_SCRATCH = bytearray(0)
+class _Buffers(threading.local):
+    zeros: memoryview = memoryview(b"")
+    out: bytearray = bytearray(0)
 
 
-def _zeros(n: int) -> memoryview:
-    global _ZEROS
-    if len(_ZEROS) < n:
-        _ZEROS = memoryview(bytearray(n))
-    return _ZEROS[:n]
+_BUFFERS = _Buffers()
 
 
-def _scratch(n: int) -> bytearray:
-    global _SCRATCH
-    if len(_SCRATCH) < n:
-        _SCRATCH = bytearray(n)
-    return _SCRATCH
+def _buffers(length: int) -> _Buffers:
+    if len(_BUFFERS.zeros) < length:
+        _BUFFERS.zeros = memoryview(bytearray(length))
+        _BUFFERS.out = bytearray(length + 16)
+    return _BUFFERS

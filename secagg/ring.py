@@ -8,6 +8,8 @@ integer arithmetic, sub-byte lanes use SWAR carry masking on 64-bit words.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from .errors import ConfigError
@@ -69,9 +71,22 @@ def _words(a: np.ndarray) -> np.ndarray:
     return a.view(np.uint64) if a.nbytes % 8 == 0 else a
 
 
-def _high(bits: int, dtype) -> np.ndarray:
+def _high(bits: int, dtype) -> np.generic:
     value = _HIGH[bits]
-    return np.array(value if dtype == np.uint64 else value & 0xFF, dtype=dtype)
+    return np.uint64(value) if dtype == np.uint64 else np.uint8(value & 0xFF)
+
+
+_local = threading.local()
+
+
+def _temp(like: np.ndarray, slot: int = 0) -> np.ndarray:
+    """Per-thread scratch array ``slot`` shaped like ``like`` (no allocation per call)."""
+    name = f"buf{slot}"
+    buf = getattr(_local, name, None)
+    if buf is None or buf.nbytes < like.nbytes:
+        buf = np.empty(max(like.nbytes, 1 << 16), dtype=np.uint8)
+        setattr(_local, name, buf)
+    return buf[: like.nbytes].view(like.dtype)
 
 
 def add_(acc: np.ndarray, x: np.ndarray, bits: int) -> np.ndarray:
@@ -85,10 +100,12 @@ def add_(acc: np.ndarray, x: np.ndarray, bits: int) -> np.ndarray:
         a, b = _words(acc), _words(x)
         high = _high(bits, a.dtype)
         low = ~high
-        carry_free = (a & low) + (b & low)  # no lane overflows into the next one
-        np.bitwise_xor(a, b, out=a)
-        a &= high
-        a ^= carry_free
+        t = _temp(a)
+        np.bitwise_xor(a, b, out=t)  # the lanes' top bits, added without carry in
+        t &= high
+        a &= low
+        np.add(a, np.bitwise_and(b, low, out=_temp(b, 1)), out=a)  # no lane overflows
+        a ^= t
     return acc
 
 
@@ -103,10 +120,13 @@ def sub_(acc: np.ndarray, x: np.ndarray, bits: int) -> np.ndarray:
         a, b = _words(acc), _words(x)
         high = _high(bits, a.dtype)
         low = ~high
-        borrow_free = (a | high) - (b & low)  # every lane keeps its own borrow bit
-        np.bitwise_xor(a, ~b, out=a)
-        a &= high
-        a ^= borrow_free
+        t = _temp(a)
+        np.bitwise_xor(a, b, out=t)
+        np.invert(t, out=t)  # a ^ ~b: the lanes' top bits after borrowing
+        t &= high
+        a |= high  # every lane lends itself its own borrow bit
+        np.subtract(a, np.bitwise_and(b, low, out=_temp(b, 1)), out=a)
+        a ^= t
     return acc
 
 

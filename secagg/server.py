@@ -79,8 +79,11 @@ class ServerSession:
         self._check_member(msg.sender)
         if msg.sender in self._adverts:
             raise self._reject(ProtocolError(f"duplicate key advertisement from client {msg.sender}"))
-        self._verify(msg.sender, msg.signature,
-                     advert_message(msg.session, msg.sender, msg.enc_public, msg.mask_public))
+        self._verify(
+            msg.sender,
+            msg.signature,
+            advert_message(msg.session, msg.sender, msg.enc_public, msg.mask_public),
+        )
         self._adverts[msg.sender] = msg
 
     def key_directory(self) -> KeyDirectory:
@@ -119,7 +122,9 @@ class ServerSession:
         allowed = self.config.graph[msg.sender] & set(self._adverts)
         stray = set(msg.ciphertexts) - allowed
         if stray:
-            raise self._reject(ProtocolError(f"client {msg.sender} sent shares to non-neighbours {sorted(stray)}"))
+            raise self._reject(
+                ProtocolError(f"client {msg.sender} sent shares to non-neighbours {sorted(stray)}")
+            )
         self._shares[msg.sender] = msg
         self._count(msg.sender, sum(len(c) for c in msg.ciphertexts.values()))
 
@@ -133,8 +138,11 @@ class ServerSession:
         self._sum = self._buffer_factory(self.config.packed_length)
         bundles = {}
         for receiver in sorted(senders):
-            cts = {s: self._shares[s].ciphertexts[receiver] for s in sorted(senders)
-                   if receiver in self._shares[s].ciphertexts}
+            cts = {
+                s: self._shares[s].ciphertexts[receiver]
+                for s in sorted(senders)
+                if receiver in self._shares[s].ciphertexts
+            }
             bundles[receiver] = ShareBundle(self.config.session_id, self.round, receiver, cts)
         return bundles
 
@@ -148,9 +156,12 @@ class ServerSession:
         if msg.offset % cfg.chunk_elems or not 0 <= msg.offset < cfg.vector_length:
             raise self._reject(ProtocolError(f"chunk offset {msg.offset} is not on the chunk grid"))
         if len(msg.data) != cfg.chunk_nbytes(msg.offset):
-            raise self._reject(ProtocolError(
-                f"chunk at {msg.offset} has {len(msg.data)} bytes, expected {cfg.chunk_nbytes(msg.offset)}"
-            ))
+            raise self._reject(
+                ProtocolError(
+                    f"chunk at {msg.offset} has {len(msg.data)} bytes, "
+                    f"expected {cfg.chunk_nbytes(msg.offset)}"
+                )
+            )
         seen = self._chunks.setdefault(msg.sender, set())
         if msg.offset in seen:
             raise self._reject(ProtocolError(f"duplicate chunk at {msg.offset} from client {msg.sender}"))
@@ -239,10 +250,9 @@ class ServerSession:
         self.excluded.update(dropped)
         for start, stop in _chunk_ranges(cfg):
             target = self._sum[start:stop]
-            scratch = np.empty(stop - start, dtype=np.uint8)
             for stream, subtract in removals:
-                stream.fill(start, scratch)
-                (sub_ if subtract else add_)(target, scratch, cfg.lane_bits)
+                mask = stream.keystream(start, stop - start)
+                (sub_ if subtract else add_)(target, mask, cfg.lane_bits)
         self.phase = "done"
         self.dropped = tuple(dropped)
         return self._sum
@@ -278,8 +288,7 @@ class ServerSession:
         if count < self.config.threshold:
             self.phase = "done"
             raise ThresholdError(
-                f"only {count} {what}; at least t = {self.config.threshold} are needed, "
-                "the round is aborted"
+                f"only {count} {what}; at least t = {self.config.threshold} are needed, the round is aborted"
             )
 
     def _expect(self, phase: Phase) -> None:
@@ -298,9 +307,13 @@ class ServerSession:
         self._check_session(session)
         self._check_member(sender)
         if round_number != self.round:
-            raise self._reject(ReplayError(f"message for round {round_number}, the server is in round {self.round}"))
+            raise self._reject(
+                ReplayError(f"message for round {round_number}, the server is in round {self.round}")
+            )
         if self.phase != phase:
-            raise self._reject(ProtocolError(f"{phase} message from client {sender} during phase {self.phase!r}"))
+            raise self._reject(
+                ProtocolError(f"{phase} message from client {sender} during phase {self.phase!r}")
+            )
 
     def _verify(self, sender: int, signature: bytes, message: bytes) -> None:
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 from .errors import ShareError
 
@@ -43,16 +44,24 @@ def split(secret: bytes, threshold: int, xs: Sequence[int]) -> dict[int, Share]:
     return shares
 
 
-def _interpolate_at(points: Sequence[tuple[int, int]], at: int) -> int:
-    total = 0
-    for i, (xi, yi) in enumerate(points):
+@lru_cache(maxsize=4096)
+def _lagrange_weights(xs: tuple[int, ...], at: int) -> tuple[int, ...]:
+    """Weights w_i with f(at) = sum_i w_i f(x_i); they depend on the points only, so a
+    server reconstructing many secrets from the same holders computes them once."""
+    weights = []
+    for i, xi in enumerate(xs):
         num, den = 1, 1
-        for j, (xj, _) in enumerate(points):
+        for j, xj in enumerate(xs):
             if i != j:
                 num = num * (at - xj) % PRIME
                 den = den * (xi - xj) % PRIME
-        total = (total + yi * num * pow(den, -1, PRIME)) % PRIME
-    return total
+        weights.append(num * pow(den, -1, PRIME) % PRIME)
+    return tuple(weights)
+
+
+def _interpolate_at(points: Sequence[tuple[int, int]], at: int) -> int:
+    weights = _lagrange_weights(tuple(x for x, _ in points), at)
+    return sum(w * y for w, (_, y) in zip(weights, points, strict=True)) % PRIME
 
 
 def combine(shares: Sequence[Share] | Mapping[int, Share], threshold: int) -> bytes:

@@ -116,8 +116,12 @@ def simulate(
     """
     length = len(vectors[0])
     _, server, clients = make_session(
-        len(vectors), length, threshold=threshold, neighbours=neighbours,
-        lane_bits=lane_bits, chunk_elems=chunk_elems,
+        len(vectors),
+        length,
+        threshold=threshold,
+        neighbours=neighbours,
+        lane_bits=lane_bits,
+        chunk_elems=chunk_elems,
     )
     for client in clients.values():
         server.receive_advertisement(client.advertise())

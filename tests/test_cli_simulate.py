@@ -11,9 +11,22 @@ from nodes.cli import main
 
 def _base(tiny_model_dir, text_file, tmp_path):
     return [
-        "simulate", "--model", str(tiny_model_dir), "--calib", str(text_file),
-        "--eval", str(text_file), "--clients", "2", "--nsamples", "4", "--seqlen", "32",
-        "--eval-windows", "2", "--no-progress",
+        "simulate",
+        "--model",
+        str(tiny_model_dir),
+        "--calib",
+        str(text_file),
+        "--eval",
+        str(text_file),
+        "--clients",
+        "2",
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "32",
+        "--eval-windows",
+        "2",
+        "--no-progress",
     ]
 
 
@@ -21,7 +34,12 @@ def test_simulate_writes_report_and_model(tiny_model_dir, text_file, tmp_path):
     out = tmp_path / "out.json"
     saved = tmp_path / "pruned"
     args = _base(tiny_model_dir, text_file, tmp_path) + [
-        "--strategy", "iterative", "--json", str(out), "--save-model", str(saved),
+        "--strategy",
+        "iterative",
+        "--json",
+        str(out),
+        "--save-model",
+        str(saved),
     ]
     proc = subprocess.run([sys.executable, "-m", "nodes.cli", *args], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -38,8 +56,17 @@ def test_simulate_writes_report_and_model(tiny_model_dir, text_file, tmp_path):
 def test_study_writes_table_plot_and_json(tiny_model_dir, text_file, tmp_path, capsys):
     out_dir = tmp_path / "study"
     args = _base(tiny_model_dir, text_file, tmp_path) + [
-        "--study", "--strategies", "centralized,local-only,one-shot", "--groups", "layer,row",
-        "--scalings", "off,on", "--sparsities", "0.3,0.5", "--out-dir", str(out_dir),
+        "--study",
+        "--strategies",
+        "centralized,local-only,one-shot",
+        "--groups",
+        "layer,row",
+        "--scalings",
+        "off,on",
+        "--sparsities",
+        "0.3,0.5",
+        "--out-dir",
+        str(out_dir),
     ]
     assert main(args) == 0
     table = (out_dir / "study.md").read_text()
@@ -61,8 +88,9 @@ def test_study_writes_table_plot_and_json(tiny_model_dir, text_file, tmp_path, c
         (["--model", "not-a-model"], "unknown model spec"),
     ],
 )
-def test_bad_input_is_one_line_and_writes_nothing(tiny_model_dir, text_file, tmp_path, capsys,
-                                                  extra, message):
+def test_bad_input_is_one_line_and_writes_nothing(
+    tiny_model_dir, text_file, tmp_path, capsys, extra, message
+):
     out = tmp_path / "out.json"
     code = main(_base(tiny_model_dir, text_file, tmp_path) + ["--json", str(out), *extra])
     err = capsys.readouterr().err
@@ -74,8 +102,24 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_model_dir, text_file, tmp
 def test_seqlen_longer_than_text(tiny_model_dir, tmp_path, capsys):
     short = tmp_path / "short.txt"
     short.write_text("too short")
-    code = main(["simulate", "--model", str(tiny_model_dir), "--calib", str(short), "--eval",
-                 str(short), "--clients", "1", "--nsamples", "1", "--seqlen", "32", "--no-progress"])
+    code = main(
+        [
+            "simulate",
+            "--model",
+            str(tiny_model_dir),
+            "--calib",
+            str(short),
+            "--eval",
+            str(short),
+            "--clients",
+            "1",
+            "--nsamples",
+            "1",
+            "--seqlen",
+            "32",
+            "--no-progress",
+        ]
+    )
     assert code == 2 and "too short for windows" in capsys.readouterr().err
 
 

@@ -12,11 +12,26 @@ pytestmark = pytest.mark.slow
 
 def test_simulate_on_embedded_smollm2(tmp_path, capsys):
     out = tmp_path / "report.json"
-    code = main([
-        "simulate", "--model", "smollm2-135m", "--clients", "2", "--nsamples", "2",
-        "--seqlen", "64", "--eval-windows", "2", "--strategy", "one-shot", "--json", str(out),
-        "--no-progress",
-    ])
+    code = main(
+        [
+            "simulate",
+            "--model",
+            "smollm2-135m",
+            "--clients",
+            "2",
+            "--nsamples",
+            "2",
+            "--seqlen",
+            "64",
+            "--eval-windows",
+            "2",
+            "--strategy",
+            "one-shot",
+            "--json",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     report = json.loads(out.read_text())
     run = report["runs"][0]

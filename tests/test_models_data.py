@@ -21,8 +21,15 @@ def test_layout_is_contiguous_ordered_and_excludes_embeddings(tiny_model):
     names = [s.name for s in lay.slots]
     assert names[:7] == [
         f"model.layers.0.{n}"
-        for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+        for n in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        )
     ]
     assert len(names) == 14 and lay.num_blocks == 2
     offset = 0

@@ -18,7 +18,10 @@ from secagg.ring import add_, lane_bits_for, pack, packed_nbytes, sub_, unpack
 # ---- ring ------------------------------------------------------------------
 
 PACKED_KAT = {  # [1,0,3,2,1,1,0,1,1,3,0,2,1] mod 2^b, packed
-    1: "b513", 2: "b1458d01", 4: "01231110312001", 8: "01000302010100010103000201",
+    1: "b513",
+    2: "b1458d01",
+    4: "01231110312001",
+    8: "01000302010100010103000201",
     16: "0100000003000200010001000000010001000300000002000100",
 }
 
@@ -61,9 +64,7 @@ def test_prg_known_answer():
     stream = MaskStream.derive(SEED, CTX)
     assert CTX == b"fedprune-secagg/v1|00000000000000000000000000000000|3|self|7"
     assert stream.key.hex() == "a044df6fec2eec9abca36821bc2f4a6ba3d1fa1789a214b9304414e3c4b071aa"
-    assert stream.bytes(0, 32).hex() == (
-        "3d12ef19ea2633194a327361834ed49be3a7a3a5db069b4ac3502980819303d0"
-    )
+    assert stream.bytes(0, 32).hex() == ("3d12ef19ea2633194a327361834ed49be3a7a3a5db069b4ac3502980819303d0")
     assert stream.bytes(1000, 16).hex() == "e2735c34b0e80de17d537750ce6c8add"
 
 
@@ -129,6 +130,9 @@ def test_secagg_plus_graph_is_k_regular_symmetric_and_seeded():
 
 
 def test_secagg_imports_neither_torch_nor_grpc():
-    code = "import sys, secagg; bad = {'torch', 'grpc', 'transformers'} & set(sys.modules); print(bad); sys.exit(bool(bad))"
+    code = (
+        "import sys, secagg; bad = {'torch', 'grpc', 'transformers'} & set(sys.modules); "
+        "print(bad); sys.exit(bool(bad))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr

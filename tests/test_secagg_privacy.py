@@ -52,8 +52,10 @@ def test_masked_vectors_are_uncorrelated_with_inputs(secure_run):
 
 def test_sum_of_any_proper_subset_is_uniform(secure_run):
     bits, vectors, result = secure_run
-    lanes = {c: unpack(np.frombuffer(d, dtype=np.uint8), bits, N).astype(np.int64)
-             for c, d in result.masked_inputs.items()}
+    lanes = {
+        c: unpack(np.frombuffer(d, dtype=np.uint8), bits, N).astype(np.int64)
+        for c, d in result.masked_inputs.items()
+    }
     clients = sorted(lanes)
     for size in range(2, len(clients)):
         for subset in itertools.combinations(clients, size):

@@ -19,7 +19,7 @@ from secagg import (
     run_round,
     simulate,
 )
-from secagg.messages import MaskedChunk, UnmaskRequest
+from secagg.messages import UnmaskRequest
 from secagg.ring import LANE_BITS
 
 
@@ -49,8 +49,9 @@ def test_unmasked_result_equals_plain_sum_over_survivors(data):
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
     vectors = {c: rng.integers(0, 2, length) for c in range(m)}  # binary masks, as in pruning
 
-    config, server, clients = make_session(m, length, threshold=t, neighbours=k, lane_bits=bits,
-                                           chunk_elems=chunk)
+    config, server, clients = make_session(
+        m, length, threshold=t, neighbours=k, lane_bits=bits, chunk_elems=chunk
+    )
     for c in clients.values():
         server.receive_advertisement(c.advertise())
     directory = server.key_directory()
@@ -191,8 +192,11 @@ def test_tampered_share_ciphertext_is_rejected():
         clients[0].receive_shares(dataclasses.replace(bundle, ciphertexts={sender: flipped}))
     # a share sealed for client 0, re-addressed to client 1, does not open
     with pytest.raises(DecryptionError):
-        clients[1].receive_shares(dataclasses.replace(bundle, receiver=1, ciphertexts={
-            s: c for s, c in bundle.ciphertexts.items() if s != 1}))
+        clients[1].receive_shares(
+            dataclasses.replace(
+                bundle, receiver=1, ciphertexts={s: c for s, c in bundle.ciphertexts.items() if s != 1}
+            )
+        )
 
 
 def test_forged_key_advertisement_is_rejected():
@@ -209,8 +213,9 @@ def test_forged_key_advertisement_is_rejected():
 def test_fewer_than_threshold_aborts_with_nothing_out():
     vectors = [np.ones(200, dtype=np.uint8) for _ in range(4)]
     with pytest.raises(ThresholdError, match="at least t = 3"):
-        simulate(vectors, threshold=3, chunk_elems=128,
-                 dropouts={0: "after_key_sharing", 1: "after_key_sharing"})
+        simulate(
+            vectors, threshold=3, chunk_elems=128, dropouts={0: "after_key_sharing", 1: "after_key_sharing"}
+        )
 
 
 def test_partial_masked_vector_aborts_the_round():

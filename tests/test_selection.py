@@ -51,7 +51,9 @@ def test_prunes_exactly_k_per_group(rows, cols, clients, sparsity, group, tie_br
 def test_magnitude_tie_break_prunes_smaller_weights_among_equal_votes(group):
     counts = _counts(32, 48, 3, 7)
     weight = torch.randn(32, 48, generator=torch.Generator().manual_seed(3))
-    mask = select_final_mask(counts, PruneConfig(0.5, comparison_group=group, tie_break="magnitude"), weight=weight)
+    mask = select_final_mask(
+        counts, PruneConfig(0.5, comparison_group=group, tie_break="magnitude"), weight=weight
+    )
     view = {"layer": lambda t: t.reshape(1, -1), "row": lambda t: t, "column": lambda t: t.t()}[group]
     cg, wg, mg = view(counts.int()), view(weight.abs()), view(mask)
     for g in range(cg.shape[0]):
@@ -103,8 +105,13 @@ def test_weight_scaling_formula():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"sparsity": 0.0}, {"sparsity": 1.0}, {"sparsity": 0.5, "nm": (2, 8)},
-     {"sparsity": 0.5, "comparison_group": "block"}, {"sparsity": 0.5, "tie_break": "coin"}],
+    [
+        {"sparsity": 0.0},
+        {"sparsity": 1.0},
+        {"sparsity": 0.5, "nm": (2, 8)},
+        {"sparsity": 0.5, "comparison_group": "block"},
+        {"sparsity": 0.5, "tie_break": "coin"},
+    ],
 )
 def test_bad_config_is_rejected(kwargs):
     with pytest.raises(PruningConfigError):

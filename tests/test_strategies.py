@@ -78,8 +78,9 @@ def test_weight_scaling_multiplies_kept_weights(tiny_model, windows):
 
     dense = prunable_weights(tiny_model)
     m = copy.deepcopy(tiny_model)
-    result = prune(m, clients, PruneConfig(0.5, weight_scaling=True), "one-shot",
-                   aggregate=recording_sum, progress=False)
+    result = prune(
+        m, clients, PruneConfig(0.5, weight_scaling=True), "one-shot", aggregate=recording_sum, progress=False
+    )
     for name, weight in prunable_weights(m).items():
         factor = (2 - counts_seen[name].float()) / 2
         expected = dense[name] * factor
