@@ -51,10 +51,17 @@ def limit_seconds(masks: int, n: int, bits: int, rates: tuple[float, float]) -> 
     return masks * (nbytes / rates[0] + nbytes / rates[1])
 
 
-def run_protocol(m: int, n: int, bits: int, neighbours: int | None, dropouts: int) -> dict:
+def run_protocol(
+    m: int, n: int, bits: int, neighbours: int | None, dropouts: int, arithmetic: str = "words"
+) -> dict:
     """One full round through the state machines; times per role and phase."""
     config, server, clients = make_session(
-        m, n, lane_bits=bits, neighbours=neighbours, chunk_elems=min(CHUNK, -(-n // 128) * 128)
+        m,
+        n,
+        lane_bits=bits,
+        neighbours=neighbours,
+        chunk_elems=min(CHUNK, -(-n // 128) * 128),
+        arithmetic=arithmetic,
     )
     values = np.random.default_rng(0).integers(0, 2, config.chunk_elems).astype(np.uint8)
     source = lambda offset, count: values[:count]  # noqa: E731  same bits every chunk
@@ -98,6 +105,7 @@ def run_protocol(m: int, n: int, bits: int, neighbours: int | None, dropouts: in
     unmask = time.perf_counter() - t0
     hood = len(config.graph[0])
     return {
+        "arithmetic": arithmetic,
         "m": m,
         "n": n,
         "bits": bits,
@@ -179,19 +187,19 @@ def main() -> int:
         f"single-core limit: AES-CTR keystream {rates[0] / 1e9:.2f} GB/s, numpy add {rates[1] / 1e9:.2f} GB/s"
     )
     rows = []
-    for bits in (4, 8):
+    for arithmetic, bits in (("words", 4), ("words", 8), ("lanes", 4)):
         for dropouts in (0, 1):
-            r = run_protocol(8, n, bits, None, dropouts)
+            r = run_protocol(8, n, bits, None, dropouts, arithmetic)
             r["client_limit_s"] = limit_seconds(r["client_masks"], n, bits, rates)
             r["server_limit_s"] = limit_seconds(r["server_unmask_masks"], n, bits, rates)
             rows.append(r)
     print(
-        "\n| m | graph | b | N | dropouts | client mask s | ×limit | server sum s | server unmask s | ×limit |"
+        "\n| m | graph | arithmetic | b | N | dropouts | client mask s | ×limit | server sum s | server unmask s | ×limit |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['m']} | complete | {r['bits']} | {r['n']:.0e} | {r['dropouts']} | {r['client_mask_s']:.2f} | "
+            f"| {r['m']} | complete | {r['arithmetic']} | {r['bits']} | {r['n']:.0e} | {r['dropouts']} | {r['client_mask_s']:.2f} | "
             f"{r['client_mask_s'] / r['client_limit_s']:.2f} | {r['server_sum_s']:.2f} | {r['server_unmask_s']:.2f} | "
             f"{r['server_unmask_s'] / r['server_limit_s']:.2f} |"
         )

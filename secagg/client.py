@@ -33,7 +33,7 @@ from .messages import (
     survivors_message,
 )
 from .prg import MaskStream, context
-from .ring import add_, pack, sub_
+from .ring import pack
 
 ChunkSource = Callable[[int, int], np.ndarray]  # (offset, count) -> values
 
@@ -174,10 +174,10 @@ class ClientSession:
                 raise ProtocolError(f"input chunk at {offset} must hold {count} values < 2^{cfg.lane_bits}")
             data = pack(chunk, cfg.lane_bits)
             byte_offset = cfg.byte_offset(offset)
-            add_(data, self_stream.keystream(byte_offset, len(data)), cfg.lane_bits)
+            cfg.add_(data, self_stream.keystream(byte_offset, len(data)))
             for v, stream in pair_streams:
                 mask = stream.keystream(byte_offset, len(data))
-                (add_ if self.id < v else sub_)(data, mask, cfg.lane_bits)
+                (cfg.add_ if self.id < v else cfg.sub_)(data, mask)
             yield MaskedChunk(session, rnd, self.id, offset, data.tobytes())
 
     # Round 3: consistency check ----------------------------------------------

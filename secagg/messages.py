@@ -11,10 +11,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Literal
+
+import numpy as np
 
 from .errors import ConfigError
 from .graph import neighbour_graph
-from .ring import LANE_BITS, packed_nbytes
+from .ring import LANE_BITS, add_, add_words_, packed_nbytes, sub_, sub_words_
 from .shamir import Share
 
 CHUNK_ALIGN = 128  # elements; keeps every chunk on a whole AES block for any lane width
@@ -32,6 +35,7 @@ class SessionConfig:
     chunk_elems: int = 1 << 20
     neighbours: int | None = None  # None: complete graph (classic SecAgg)
     graph_seed: bytes = b""
+    arithmetic: Literal["words", "lanes"] = "words"  # masking group, see secagg.ring
 
     def __post_init__(self) -> None:
         if len(self.session_id) < 8:
@@ -50,6 +54,8 @@ class SessionConfig:
             raise ConfigError("the vector must have at least one element")
         if self.chunk_elems < CHUNK_ALIGN or self.chunk_elems % CHUNK_ALIGN:
             raise ConfigError(f"chunks must be a positive multiple of {CHUNK_ALIGN} elements")
+        if self.arithmetic not in ("words", "lanes"):
+            raise ConfigError(f"arithmetic must be 'words' or 'lanes', got {self.arithmetic!r}")
         smallest = min(len(n) for n in self.graph.values())
         if not 1 <= self.threshold <= smallest:
             raise ConfigError(
@@ -59,6 +65,18 @@ class SessionConfig:
     @cached_property
     def graph(self) -> dict[int, frozenset[int]]:
         return neighbour_graph(self.clients, self.neighbours, self.graph_seed or self.session_id)
+
+    def add_(self, acc: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """acc += x in the session's masking group."""
+        if self.arithmetic == "words":
+            return add_words_(acc, x)
+        return add_(acc, x, self.lane_bits)
+
+    def sub_(self, acc: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """acc -= x in the session's masking group."""
+        if self.arithmetic == "words":
+            return sub_words_(acc, x)
+        return sub_(acc, x, self.lane_bits)
 
     @property
     def num_chunks(self) -> int:

@@ -1,5 +1,10 @@
 """Arithmetic in Z_(2^b) on densely packed lanes, b in {1, 2, 4, 8, 16}.
 
+Two groups are available for masking packed vectors: ``lanes`` (Z_(2^b) per
+lane, the textbook choice) and ``words`` (Z_(2^64) per 64-bit word of the packed
+bytes, native speed; correct because a sum of at most m < 2^b votes never
+carries across a lane, see :func:`add_words_`).
+
 Layout: element ``e`` occupies bits ``[e*b, (e+1)*b)`` of a little-endian bit
 stream (for b = 16, a little-endian uint16 array). Packed arrays are added and
 subtracted lane-wise without unpacking: b = 8 and 16 use native wrap-around
@@ -15,6 +20,7 @@ import numpy as np
 from .errors import ConfigError
 
 LANE_BITS = (1, 2, 4, 8, 16)
+_FOLD_WORD = {2: np.uint32, 4: np.uint16}
 # High bit of every lane, repeated over a 64-bit word (for SWAR carry masking).
 _HIGH = {1: 0xFFFFFFFFFFFFFFFF, 2: 0xAAAAAAAAAAAAAAAA, 4: 0x8888888888888888}
 
@@ -40,13 +46,24 @@ def pack(values: np.ndarray, bits: int) -> np.ndarray:
         return values.astype("<u2").view(np.uint8)
     if bits == 8:
         return values.astype(np.uint8)
+    if bits == 1:
+        return np.packbits(values.astype(np.uint8, copy=False), bitorder="little")
     per_byte = 8 // bits
-    padded = np.zeros(-(-len(values) // per_byte) * per_byte, dtype=np.uint8)
-    padded[: len(values)] = values
-    lanes = padded.reshape(-1, per_byte)
-    out = np.zeros(len(lanes), dtype=np.uint8)
-    for j in range(per_byte):
-        out |= lanes[:, j] << np.uint8(j * bits)
+    whole = len(values) - len(values) % per_byte
+    out = np.empty(packed_nbytes(len(values), bits), dtype=np.uint8)
+    # One lane per byte of a little-endian word: fold the bytes' low bits together.
+    lanes = np.ascontiguousarray(values[:whole], dtype=np.uint8).view(_FOLD_WORD[bits])
+    word = lanes.dtype.type
+    folded = lanes >> word(8 - bits)
+    folded |= lanes
+    if bits == 2:
+        folded |= folded >> word(12)
+    np.copyto(out[: len(folded)], folded, casting="unsafe")  # keeps the low byte
+    if whole < len(values):
+        tail = 0
+        for j, v in enumerate(values[whole:]):
+            tail |= int(v) << (j * bits)
+        out[-1] = tail
     return out
 
 
@@ -127,6 +144,30 @@ def sub_(acc: np.ndarray, x: np.ndarray, bits: int) -> np.ndarray:
         a |= high  # every lane lends itself its own borrow bit
         np.subtract(a, np.bitwise_and(b, low, out=_temp(b, 1)), out=a)
         a ^= t
+    return acc
+
+
+def add_words_(acc: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """acc += x in Z_(2^64) per 64-bit word (Z_256 for a tail that is not a whole word).
+
+    Packed lane vectors may be summed this way instead of lane by lane: every lane
+    of the true sum of m binary votes is < 2^b, so no carry ever crosses a lane
+    boundary and the word sum of the packed inputs *is* the packed lane sum. Masks
+    cancel just as well in this group, and a uniform word has uniform lanes.
+    """
+    whole = acc.nbytes - acc.nbytes % 8
+    a, b = acc[:whole].view(np.uint64), x[:whole].view(np.uint64)
+    np.add(a, b, out=a)
+    np.add(acc[whole:], x[whole:], out=acc[whole:])
+    return acc
+
+
+def sub_words_(acc: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """acc -= x in Z_(2^64) per word (see :func:`add_words_`)."""
+    whole = acc.nbytes - acc.nbytes % 8
+    a, b = acc[:whole].view(np.uint64), x[:whole].view(np.uint64)
+    np.subtract(a, b, out=a)
+    np.subtract(acc[whole:], x[whole:], out=acc[whole:])
     return acc
 
 

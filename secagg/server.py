@@ -41,7 +41,7 @@ from .messages import (
     survivors_message,
 )
 from .prg import MaskStream, context
-from .ring import add_, sub_, unpack
+from .ring import unpack
 
 Phase = Literal["advertise", "idle", "share", "input", "consistency", "unmask", "done"]
 BufferFactory = Callable[[int], np.ndarray]
@@ -168,7 +168,7 @@ class ServerSession:
         seen.add(msg.offset)
         start = cfg.byte_offset(msg.offset)
         target = self._sum[start : start + len(msg.data)]
-        add_(target, np.frombuffer(msg.data, dtype=np.uint8), cfg.lane_bits)
+        cfg.add_(target, np.frombuffer(msg.data, dtype=np.uint8))
         self._count(msg.sender, len(msg.data))
 
     def survivor_list(self) -> SurvivorList:
@@ -252,7 +252,7 @@ class ServerSession:
             target = self._sum[start:stop]
             for stream, subtract in removals:
                 mask = stream.keystream(start, stop - start)
-                (sub_ if subtract else add_)(target, mask, cfg.lane_bits)
+                (cfg.sub_ if subtract else cfg.add_)(target, mask)
         self.phase = "done"
         self.dropped = tuple(dropped)
         return self._sum

@@ -39,6 +39,7 @@ def make_session(
     lane_bits: int | None = None,
     chunk_elems: int = 1 << 16,
     session_id: bytes | None = None,
+    arithmetic: str = "words",
 ) -> tuple[SessionConfig, ServerSession, dict[int, ClientSession]]:
     """A fresh session with random identities: the config, the server and every client."""
     ids = tuple(range(num_clients))
@@ -54,6 +55,7 @@ def make_session(
         lane_bits=lane_bits or lane_bits_for(num_clients),
         chunk_elems=chunk_elems,
         neighbours=k,
+        arithmetic=arithmetic,
     )
     server = ServerSession(config, roster)
     clients = {c: ClientSession(config, c, identities[c], roster) for c in ids}
@@ -108,6 +110,7 @@ def simulate(
     lane_bits: int | None = None,
     chunk_elems: int = 1 << 16,
     record: bool = False,
+    arithmetic: str = "words",
 ) -> SimulationResult:
     """Run key agreement and one secure round over ``vectors`` (one per client, values < 2^b).
 
@@ -122,6 +125,7 @@ def simulate(
         neighbours=neighbours,
         lane_bits=lane_bits,
         chunk_elems=chunk_elems,
+        arithmetic=arithmetic,
     )
     for client in clients.values():
         server.receive_advertisement(client.advertise())

@@ -13,7 +13,7 @@ from secagg import shamir
 from secagg.errors import ConfigError, ShareError
 from secagg.graph import neighbour_graph
 from secagg.prg import MaskStream, context
-from secagg.ring import add_, lane_bits_for, pack, packed_nbytes, sub_, unpack
+from secagg.ring import add_, add_words_, lane_bits_for, pack, packed_nbytes, sub_, sub_words_, unpack
 
 # ---- ring ------------------------------------------------------------------
 
@@ -46,6 +46,28 @@ def test_packed_add_and_sub_equal_lanewise_modular_arithmetic(bits, n, seed):
     d = pack(a, bits)
     sub_(d, pack(b, bits), bits)
     assert np.array_equal(unpack(d, bits, n), (a - b) % (1 << bits))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    bits=st.sampled_from([1, 2, 4, 8, 16]),
+    n=st.integers(1, 300),
+    m=st.integers(1, 20),
+    seed=st.integers(0, 99),
+)
+def test_word_sums_of_packed_votes_equal_lane_sums(bits, n, m, seed):
+    """No carry crosses a lane while the true sums stay below 2^b, masks or no masks."""
+    m = min(m, (1 << bits) - 1)
+    rng = np.random.default_rng(seed)
+    votes = [rng.integers(0, 2, n) for _ in range(m)]
+    masks = [rng.integers(0, 256, packed_nbytes(n, bits), dtype=np.uint8) for _ in range(m)]
+    acc = np.zeros(packed_nbytes(n, bits), dtype=np.uint8)
+    for v, r in zip(votes, masks, strict=True):
+        masked = add_words_(pack(v, bits), r)
+        add_words_(acc, masked)
+    for r in masks:
+        sub_words_(acc, r)
+    assert np.array_equal(unpack(acc, bits, n), sum(votes))
 
 
 def test_lane_width_is_the_smallest_that_holds_m():

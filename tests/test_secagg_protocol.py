@@ -49,8 +49,9 @@ def test_unmasked_result_equals_plain_sum_over_survivors(data):
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
     vectors = {c: rng.integers(0, 2, length) for c in range(m)}  # binary masks, as in pruning
 
+    arithmetic = data.draw(st.sampled_from(["words", "lanes"]), label="arithmetic")
     config, server, clients = make_session(
-        m, length, threshold=t, neighbours=k, lane_bits=bits, chunk_elems=chunk
+        m, length, threshold=t, neighbours=k, lane_bits=bits, chunk_elems=chunk, arithmetic=arithmetic
     )
     for c in clients.values():
         server.receive_advertisement(c.advertise())
