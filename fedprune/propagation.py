@@ -119,13 +119,12 @@ class BlockRunner:
         """Outputs of block ``index``; ``masks`` (name -> prune mask) apply only for this call."""
         block = self.blocks[index]
         linears = block_linears(block)
-        saved = {}
+        dense = {}
         for name, mask in (masks or {}).items():
-            weight = linears[name].weight.data
-            saved[name] = weight[mask].clone()
-            weight[mask] = 0
+            dense[name] = linears[name].weight.data
+            linears[name].weight.data = dense[name].masked_fill(mask, 0)
         try:
             return self._run(block, hidden)
         finally:
-            for name, values in saved.items():
-                linears[name].weight.data[masks[name]] = values
+            for name, weight in dense.items():
+                linears[name].weight.data = weight

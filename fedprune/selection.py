@@ -101,7 +101,7 @@ def _select_one_group(counts: torch.Tensor, tie_key: torch.Tensor, k: int) -> to
 
 def apply_mask(weight: torch.Tensor, mask: torch.Tensor) -> None:
     """Zero the pruned weights in place."""
-    weight[mask.to(weight.device)] = 0
+    weight.masked_fill_(mask.to(weight.device), 0)
 
 
 def scale_retained(weight: torch.Tensor, vote_counts: torch.Tensor, num_clients: int) -> None:

@@ -49,6 +49,19 @@ def local_mask(scores: torch.Tensor, config: PruneConfig) -> torch.Tensor:
         groups = scores.reshape(rows, cols // m, m)
         idx = torch.sort(groups, dim=-1, stable=True).indices[..., :n]
         return mask.reshape(rows, cols // m, m).scatter_(-1, idx, True).reshape(rows, cols)
-    k = int(cols * config.sparsity)
-    idx = torch.sort(scores, dim=1, stable=True).indices[:, :k]
-    return mask.scatter_(1, idx, True)
+    return smallest_per_row(scores, int(cols * config.sparsity))
+
+
+def smallest_per_row(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask of the k smallest scores of every row, ties going to the lower column index.
+
+    The same set as the first k of a stable sort (the reference), found with a
+    selection (kthvalue) instead of a full sort: about twice as fast.
+    """
+    if k == 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    threshold = torch.kthvalue(scores, k, dim=1, keepdim=True).values
+    below = scores < threshold
+    tied = scores == threshold
+    room = k - below.sum(dim=1, keepdim=True)
+    return below | (tied & (tied.cumsum(dim=1) <= room))

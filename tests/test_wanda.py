@@ -53,3 +53,14 @@ def test_nm_local_mask_pattern(n, m):
 def test_nm_needs_divisible_width():
     with pytest.raises(PruningConfigError):
         local_mask(torch.rand(2, 6), PruneConfig(0.5, nm=(2, 4)))
+
+
+def test_selection_of_k_smallest_matches_a_stable_sort_even_with_ties():
+    from fedprune.wanda import smallest_per_row
+
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 5, (40, 33), generator=gen).float()  # many ties
+    for k in (0, 1, 7, 16, 33):
+        expected = torch.zeros_like(scores, dtype=torch.bool)
+        expected.scatter_(1, torch.sort(scores, dim=1, stable=True).indices[:, :k], True)
+        assert torch.equal(smallest_per_row(scores, k), expected)
