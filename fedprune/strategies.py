@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import PruneConfig
-from .models import block_linears, decoder_blocks, layout
+from .models import block_linears, decoder_blocks, layout, prunable_weights
 from .propagation import BlockRunner
 from .selection import apply_mask, scale_retained, select_final_mask
 from .wanda import local_mask, wanda_scores
@@ -67,6 +67,82 @@ class PruneResult:
         return pruned / total, per_layer
 
 
+class ClientPruner:
+    """One party's side of FedPrLLM: its calibration activations and local Wanda masks.
+
+    The model is shared and only read here: masks used for propagation are
+    applied for the duration of one forward pass, so several simulated
+    clients (or a network client) can use the same model object.
+    """
+
+    def __init__(self, model: nn.Module, windows: torch.Tensor, config: PruneConfig) -> None:
+        self.config = config
+        self.blocks = decoder_blocks(model)
+        self.runner = BlockRunner(model, config.batch_size)
+        self.hidden = self.runner.embed(windows)
+
+    def local_masks(self, index: int) -> dict[str, torch.Tensor]:
+        """Wanda masks of block ``index`` from this party's activations (full layer names)."""
+        linears = block_linears(self.blocks[index])
+        stats = self.runner.collect_stats(index, self.hidden)
+        masks = {}
+        for name, linear in linears.items():
+            scores = wanda_scores(linear.weight.data, stats[name].sq_norm)
+            masks[f"model.layers.{index}.{name}"] = local_mask(scores, self.config)
+        return masks
+
+    def advance(self, index: int, masks: MaskSet | None = None) -> None:
+        """Propagate through block ``index`` (with ``masks`` applied for this pass only)."""
+        if index == len(self.blocks) - 1:
+            return  # the last block's outputs are never needed
+        prefix = f"model.layers.{index}."
+        short = {n[len(prefix) :]: m for n, m in (masks or {}).items()}
+        self.hidden = self.runner.forward(index, self.hidden, short)
+
+
+def local_pruning_masks(
+    model: nn.Module, windows: torch.Tensor, config: PruneConfig, *, progress: bool = False
+) -> dict[str, torch.Tensor]:
+    """A one-shot client's masks: Wanda block by block through its own pruned blocks.
+
+    The model's weights are left unchanged.
+    """
+    pruner = ClientPruner(model, windows, config)
+    masks: dict[str, torch.Tensor] = {}
+    for i in tqdm(range(len(pruner.blocks)), desc="local pruning", unit="block", disable=not progress):
+        block_masks = pruner.local_masks(i)
+        pruner.advance(i, block_masks)
+        masks.update(block_masks)
+    return masks
+
+
+def apply_vote_counts(
+    model: nn.Module,
+    counts: MaskSet,
+    config: PruneConfig,
+    num_clients: int,
+    salts: Mapping[str, int],
+) -> dict[str, torch.Tensor]:
+    """The server's step for the layers in ``counts``: select, prune, optionally scale.
+
+    ``salts`` maps layer names to their index in the layout (seeds the random ties).
+    Returns the final masks.
+    """
+    weights = prunable_weights(model)
+    final = {}
+    for name, layer_counts in counts.items():
+        weight = weights[name]
+        final[name] = select_final_mask(layer_counts, config, weight=weight, salt=salts[name])
+        apply_mask(weight, final[name])
+        if config.weight_scaling:
+            scale_retained(weight, layer_counts, num_clients)
+    return final
+
+
+def layer_salts(model: nn.Module) -> dict[str, int]:
+    return {slot.name: index for index, slot in enumerate(layout(model).slots)}
+
+
 def prune(
     model: nn.Module,
     client_windows: Sequence[torch.Tensor],
@@ -83,52 +159,36 @@ def prune(
     if strategy == "centralized":
         client_windows = [torch.cat(list(client_windows))]
     num_clients = len(client_windows)
-    salts = {slot.name: index for index, slot in enumerate(layout(model).slots)}
-    runner = BlockRunner(model, config.batch_size)
+    salts = layer_salts(model)
     timings = {"calibration": 0.0, "aggregation": 0.0, "selection": 0.0}
     start = time.perf_counter()
-    hidden = [runner.embed(windows) for windows in client_windows]
-    blocks = decoder_blocks(model)
+    clients = [ClientPruner(model, windows, config) for windows in client_windows]
     final_masks: dict[str, torch.Tensor] = {}
-    for i in tqdm(range(len(blocks)), desc=f"{strategy} pruning", unit="block", disable=not progress):
-        linears = block_linears(blocks[i])
-        prefix = f"model.layers.{i}."
+    num_blocks = len(decoder_blocks(model))
+    for i in tqdm(range(num_blocks), desc=f"{strategy} pruning", unit="block", disable=not progress):
         t0 = time.perf_counter()
-        local = []
-        for h in hidden:
-            stats = runner.collect_stats(i, h)
-            local.append(
-                {
-                    n: local_mask(wanda_scores(linears[n].weight.data, s.sq_norm), config)
-                    for n, s in stats.items()
-                }
-            )
-        last = i == len(blocks) - 1  # the last block's outputs are never needed
-        if strategy == "one-shot" and not last:
-            hidden = [runner.forward(i, h, masks) for h, masks in zip(hidden, local, strict=True)]
+        local = [client.local_masks(i) for client in clients]
+        if strategy == "one-shot":
+            for client, masks in zip(clients, local, strict=True):
+                client.advance(i, masks)
         timings["calibration"] += time.perf_counter() - t0
         if strategy == "centralized":
-            block_final, counts = local[0], None
+            block_final = local[0]
+            weights = prunable_weights(model)
+            for name, mask in block_final.items():
+                apply_mask(weights[name], mask)
         else:
             t0 = time.perf_counter()
-            counts = aggregate([{prefix + n: m for n, m in masks.items()} for masks in local])
+            counts = aggregate(local)
             timings["aggregation"] += time.perf_counter() - t0
             t0 = time.perf_counter()
-            block_final = {
-                n: select_final_mask(
-                    counts[prefix + n], config, weight=mod.weight.data, salt=salts[prefix + n]
-                )
-                for n, mod in linears.items()
-            }
+            block_final = apply_vote_counts(model, counts, config, num_clients, salts)
             timings["selection"] += time.perf_counter() - t0
-        for n, mod in linears.items():
-            apply_mask(mod.weight.data, block_final[n])
-            if config.weight_scaling and counts is not None:
-                scale_retained(mod.weight.data, counts[prefix + n], num_clients)
-            final_masks[prefix + n] = block_final[n].cpu()
-        if strategy != "one-shot" and not last:
+        final_masks.update({n: m.cpu() for n, m in block_final.items()})
+        if strategy != "one-shot":
             t0 = time.perf_counter()
-            hidden = [runner.forward(i, h) for h in hidden]
+            for client in clients:
+                client.advance(i)
             timings["calibration"] += time.perf_counter() - t0
     timings["prune_total"] = time.perf_counter() - start
     return PruneResult(final_masks=final_masks, num_clients=num_clients, timings=timings)

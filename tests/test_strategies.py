@@ -94,3 +94,13 @@ def test_iterative_differs_from_one_shot_with_several_clients(tiny_model, window
     first = "model.layers.0.self_attn.q_proj"
     assert torch.equal(one.final_masks[first], it.final_masks[first])  # block 0 sees the same inputs
     assert not _masks_equal(one.final_masks, it.final_masks)
+
+
+def test_local_pruning_masks_equal_centralized_and_leave_weights(tiny_model, windows):
+    from fedprune.strategies import local_pruning_masks
+
+    before = {n: w.clone() for n, w in prunable_weights(tiny_model).items()}
+    masks = local_pruning_masks(tiny_model, windows, PruneConfig(0.5))
+    _, central = _run(tiny_model, [windows], "centralized")
+    assert _masks_equal(masks, central.final_masks)
+    assert all(torch.equal(before[n], w) for n, w in prunable_weights(tiny_model).items())
