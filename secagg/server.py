@@ -11,6 +11,7 @@ reconstructed is excluded from every later round of the session.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Literal
 
 import numpy as np
@@ -94,13 +95,17 @@ class ServerSession:
         return KeyDirectory(self.config.session_id, tuple(self._adverts[c] for c in sorted(self._adverts)))
 
     # Round 1 -----------------------------------------------------------------
-    def begin_round(self, round_number: int) -> None:
+    def begin_round(self, round_number: int, vector_length: int | None = None) -> None:
+        """Open a round; ``vector_length`` overrides the session's for this round only."""
         if self.phase not in ("idle", "done"):
             raise ProtocolError(f"cannot begin a round during phase {self.phase!r}")
         if self.round is not None and round_number <= self.round:
             raise ReplayError(f"round {round_number} is not after round {self.round}")
         self.round = round_number
         self.phase = "share"
+        self.round_config = (
+            replace(self.config, vector_length=vector_length) if vector_length else self.config
+        )
         self._shares: dict[int, EncryptedShares] = {}
         self._sum: np.ndarray | None = None
         self._chunks: dict[int, set[int]] = {}
@@ -135,7 +140,7 @@ class ServerSession:
         self._require(len(senders), "clients shared keys")
         self.phase = "input"
         self._u2 = frozenset(senders)
-        self._sum = self._buffer_factory(self.config.packed_length)
+        self._sum = self._buffer_factory(self.round_config.packed_length)
         bundles = {}
         for receiver in sorted(senders):
             cts = {
@@ -149,7 +154,7 @@ class ServerSession:
     # Round 2 -----------------------------------------------------------------
     def receive_chunk(self, msg: MaskedChunk) -> None:
         """Validate one masked chunk and add it into the running sum."""
-        cfg = self.config
+        cfg = self.round_config
         self._check_message(msg.session, msg.round, msg.sender, "input")
         if msg.sender not in self._u2:
             raise self._reject(UnknownSenderError(f"client {msg.sender} did not share keys this round"))
@@ -174,7 +179,7 @@ class ServerSession:
     def survivor_list(self) -> SurvivorList:
         """Close round 2: the clients whose whole masked vector arrived (U3)."""
         self._expect("input")
-        total = self.config.num_chunks
+        total = self.round_config.num_chunks
         partial = sorted(c for c, seen in self._chunks.items() if 0 < len(seen) < total)
         if partial:
             self.phase = "done"
@@ -224,12 +229,12 @@ class ServerSession:
     def finish(self) -> np.ndarray:
         """Reconstruct the masks, remove them, and return the summed vector (unpacked)."""
         packed = self.finish_packed()
-        return unpack(packed, self.config.lane_bits, self.config.vector_length)
+        return unpack(packed, self.config.lane_bits, self.round_config.vector_length)
 
     def finish_packed(self) -> np.ndarray:
         """As :meth:`finish`, but the packed sum (unmasked in place, chunk by chunk)."""
         self._expect("unmask")
-        cfg = self.config
+        cfg = self.round_config
         self._require(len(self._unmask), "clients sent unmasking shares")
         survivors = set(self._survivors)
         dropped = sorted(self._u2 - survivors)

@@ -1,0 +1,103 @@
+"""Server and client configuration: TOML files with command-line overrides, validated."""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+
+class NodeConfigError(Exception):
+    """A configuration value is missing, malformed or unsafe."""
+
+
+LOOPBACK_NAMES = {"localhost"}
+
+
+def is_loopback(address: str) -> bool:
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: str = "127.0.0.1:50051"
+    model: str = "smollm2-135m"
+    dtype: str = "float32"
+    device: str = "cpu"
+    sparsity: float = 0.5
+    group: str = "layer"
+    strategy: str = "one-shot"
+    tie_break: str = "random"
+    weight_scaling: bool = False
+    nm: str = ""
+    seed: int = 0
+    mode: str = "secure"
+    expected_clients: int = 2
+    min_clients: int = 2
+    threshold: int = 0  # 0: a majority of each neighbourhood
+    neighbours: int = 0  # 0: complete graph
+    chunk_elems: int = 1 << 20
+    roster: dict[str, str] = field(default_factory=dict)  # client id -> Ed25519 public key (hex)
+    tls_cert: str = ""
+    tls_key: str = ""
+    client_ca: str = ""
+    insecure: bool = False
+    join_deadline_s: float = 120.0
+    round_deadline_s: float = 1800.0
+    audit_dir: str = "audit"
+    output_dir: str = "out"
+    store_payloads: bool = True
+    save_model: bool = True
+    eval_sources: list[str] = field(default_factory=list)
+    eval_windows: int = 8
+    eval_seqlen: int = 128
+
+    def validate(self) -> ServerConfig:
+        if self.mode not in ("plain", "secure"):
+            raise NodeConfigError(f"mode must be plain or secure, got {self.mode!r}")
+        if self.strategy not in ("one-shot", "iterative"):
+            raise NodeConfigError(f"strategy must be one-shot or iterative, got {self.strategy!r}")
+        if not 1 <= self.min_clients <= self.expected_clients:
+            raise NodeConfigError("need 1 <= min_clients <= expected_clients")
+        if len(self.roster) < self.min_clients:
+            raise NodeConfigError(f"the roster lists {len(self.roster)} clients, fewer than min_clients")
+        if self.insecure:
+            if not is_loopback(self.listen):
+                raise NodeConfigError("--insecure is allowed only on a loopback address")
+        elif not (self.tls_cert and self.tls_key and self.client_ca):
+            raise NodeConfigError("TLS needs tls_cert, tls_key and client_ca (or --insecure on loopback)")
+        if self.weight_scaling:
+            raise NodeConfigError(
+                "weight scaling needs every party to know the vote counts; it is a study option of "
+                "'fedprune simulate', the federation broadcasts only the final mask"
+            )
+        if self.join_deadline_s <= 0 or self.round_deadline_s <= 0:
+            raise NodeConfigError("deadlines must be positive")
+        return self
+
+
+def load_server_config(path: str | None, overrides: dict) -> ServerConfig:
+    data: dict = {}
+    if path:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError as exc:
+            raise NodeConfigError(f"config file not found: {path}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise NodeConfigError(f"{path}: invalid TOML ({exc})") from exc
+    known = {f.name for f in fields(ServerConfig)}
+    unknown = set(data) - known
+    if unknown:
+        raise NodeConfigError(f"unknown server config keys: {', '.join(sorted(unknown))}")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return ServerConfig(**data).validate()
+    except TypeError as exc:
+        raise NodeConfigError(str(exc)) from exc

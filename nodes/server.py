@@ -1,0 +1,560 @@
+"""The coordinator process: gRPC server, protocol driver, selection, outputs.
+
+One bidirectional stream per client. Reader threads turn incoming messages
+into events (and audit records); a single coordinator thread runs the
+protocol on those events with per-phase deadlines, so the secagg state
+machines are only ever touched by one thread. In secure mode masked chunks
+go straight into the running sum; the server never keeps a client's vector.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import threading
+import time
+from concurrent import futures
+from dataclasses import asdict
+from pathlib import Path
+
+import grpc
+import numpy as np
+import torch
+
+from fedprune.config import PruneConfig, parse_nm
+from fedprune.models import fingerprint, layout, load_model
+from fedprune.strategies import apply_vote_counts, layer_salts
+from secagg import ServerSession, SessionConfig, lane_bits_for
+from secagg.errors import SecAggError
+from secagg.keys import verify as verify_signature
+from secagg.messages import MaskedChunk
+
+from .audit import Transcript
+from .config import ServerConfig
+from .files import atomic_write_bytes, atomic_write_dir, atomic_write_text
+from .identity import parse_public_hex
+from .wire import convert
+from .wire import federation_pb2 as pb
+from .wire import federation_pb2_grpc as pb_grpc
+
+PROTOCOL_VERSION = 1
+MASK_CHUNK_BITS = 1 << 23  # elements per FinalMask message (1 MiB bit-packed)
+
+
+class FederationAborted(Exception):
+    """The round cannot complete (too few survivors, protocol failure); nothing is written."""
+
+
+def hello_message(client_id: str, fp: bytes, nonce: bytes) -> bytes:
+    return b"|".join([b"hello", client_id.encode(), fp, nonce])
+
+
+class _Link:
+    def __init__(self, client_id: str) -> None:
+        self.id = client_id
+        self.outbox: queue.Queue = queue.Queue()
+        self.alive = True
+        self.bytes_received = 0
+
+    def send(self, **body) -> None:
+        if self.alive:
+            self.outbox.put(pb.ServerMessage(**body))
+
+
+class FederationServer(pb_grpc.FederationServicer):
+    def __init__(self, cfg: ServerConfig, log=print) -> None:
+        self.cfg = cfg
+        self.log = log
+        self.roster = {cid: parse_public_hex(pk, cid) for cid, pk in cfg.roster.items()}
+        self.prune_cfg = PruneConfig(
+            sparsity=cfg.sparsity,
+            comparison_group=cfg.group,
+            tie_break=cfg.tie_break,
+            weight_scaling=cfg.weight_scaling,
+            nm=parse_nm(cfg.nm) if cfg.nm else None,
+            seed=cfg.seed,
+        )
+        t0 = time.perf_counter()
+        self.lm = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+        self.layout = layout(self.lm.model)
+        self.fingerprint = bytes.fromhex(fingerprint(self.lm.model))
+        self.timings = {"load_model": time.perf_counter() - t0}
+        self.transcript = Transcript(cfg.audit_dir, cfg.store_payloads)
+        self.events: queue.Queue = queue.Queue()
+        self.links: dict[str, _Link] = {}
+        self._lock = threading.Lock()
+        self._started = False
+        self._joined = threading.Condition(self._lock)
+        self.rejected: dict[str, int] = {}
+        self.refused: list[str] = []
+        self.session_id = os.urandom(16)
+        self.rounds: list[dict] = []
+
+    # ---- gRPC side -------------------------------------------------------------
+    def Session(self, request_iterator, context):  # noqa: N802 (gRPC method name)
+        try:
+            first = next(request_iterator)
+        except StopIteration:
+            return
+        hello = first.hello if first.WhichOneof("body") == "hello" else None
+        if hello is None:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be Hello")
+        self.transcript.record(hello.client_id or "?", None, "hello", first.SerializeToString())
+        status, reason = self._check_hello(hello, context)
+        if status is not None:
+            self.refused.append(f"{hello.client_id}: {reason}")
+            self.log(f"refused {hello.client_id!r}: {reason}")
+            context.abort(status, reason)
+        link = _Link(hello.client_id)
+        with self._lock:
+            self.links[hello.client_id] = link
+            self._joined.notify_all()
+        self.log(f"client {hello.client_id} joined ({len(self.links)}/{self.cfg.expected_clients})")
+        reader = threading.Thread(target=self._read, args=(link, request_iterator), daemon=True)
+        reader.start()
+        context.add_callback(lambda: self._gone(link))
+        while True:
+            item = link.outbox.get()
+            if item is None:
+                return
+            yield item
+
+    def _check_hello(self, hello, context):
+        cid = hello.client_id
+        if cid not in self.roster:
+            return grpc.StatusCode.PERMISSION_DENIED, f"client {cid!r} is not on the roster"
+        if not self.cfg.insecure:
+            names = context.auth_context().get("x509_common_name", [])
+            if cid.encode() not in names:
+                return grpc.StatusCode.PERMISSION_DENIED, f"TLS certificate does not belong to {cid!r}"
+        try:
+            verify_signature(
+                self.roster[cid],
+                hello.signature,
+                hello_message(cid, hello.fingerprint, hello.nonce),
+                f"client {cid}",
+            )
+        except SecAggError:
+            return grpc.StatusCode.PERMISSION_DENIED, f"bad identity signature from {cid!r}"
+        if hello.protocol_version != PROTOCOL_VERSION:
+            return (
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"protocol version {hello.protocol_version} unsupported",
+            )
+        if hello.fingerprint != self.fingerprint:
+            return grpc.StatusCode.FAILED_PRECONDITION, "model fingerprint mismatch: not the server's model"
+        with self._lock:
+            if self._started:
+                return grpc.StatusCode.UNAVAILABLE, "the session has already started"
+            if cid in self.links:
+                return grpc.StatusCode.ALREADY_EXISTS, f"client {cid!r} is already connected"
+        return None, ""
+
+    def _read(self, link: _Link, request_iterator) -> None:
+        try:
+            for msg in request_iterator:
+                kind = msg.WhichOneof("body")
+                payload = msg.SerializeToString()
+                rnd = getattr(getattr(msg, kind), "round", None) if kind != "key_advert" else None
+                self.transcript.record(link.id, rnd, kind, payload)
+                link.bytes_received += len(payload)
+                self.events.put((link.id, msg))
+        except grpc.RpcError:
+            pass
+        finally:
+            self._gone(link)
+
+    def _gone(self, link: _Link) -> None:
+        if link.alive:
+            link.alive = False
+            self.events.put((link.id, None))
+
+    # ---- coordinator -------------------------------------------------------------
+    def run(self) -> dict:
+        """Serve, run the federation, write the outputs; return the report."""
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=self.cfg.expected_clients + 8),
+            options=[
+                ("grpc.max_receive_message_length", 64 << 20),
+                ("grpc.max_send_message_length", 64 << 20),
+            ],
+        )
+        pb_grpc.add_FederationServicer_to_server(self, server)
+        if self.cfg.insecure:
+            port = server.add_insecure_port(self.cfg.listen)
+        else:
+            creds = grpc.ssl_server_credentials(
+                [(Path(self.cfg.tls_key).read_bytes(), Path(self.cfg.tls_cert).read_bytes())],
+                root_certificates=Path(self.cfg.client_ca).read_bytes(),
+                require_client_auth=True,
+            )
+            port = server.add_secure_port(self.cfg.listen, creds)
+        self.port = port
+        server.start()
+        self.log(f"listening on {self.cfg.listen.rsplit(':', 1)[0]}:{port} ({self.cfg.mode} mode)")
+        try:
+            return self._federate()
+        except FederationAborted as exc:
+            for link in list(self.links.values()):
+                link.send(abort=pb.Abort(reason=str(exc)))
+            raise
+        finally:
+            for link in list(self.links.values()):
+                link.outbox.put(None)
+            server.stop(grace=2)
+            self.transcript.close()
+
+    def _federate(self) -> dict:
+        cfg = self.cfg
+        eval_before = self._evaluate() if cfg.eval_sources else None
+        t0 = time.perf_counter()
+        deadline = time.monotonic() + cfg.join_deadline_s
+        with self._lock:
+            while len(self.links) < cfg.expected_clients and time.monotonic() < deadline:
+                self._joined.wait(timeout=max(0.0, deadline - time.monotonic()))
+            self._started = True
+            members = sorted(c for c, link in self.links.items() if link.alive)
+        if len(members) < cfg.min_clients:
+            raise FederationAborted(f"only {len(members)} clients joined, at least {cfg.min_clients} needed")
+        self.members = members
+        self.index = {cid: i for i, cid in enumerate(members)}
+        self.timings["join"] = time.perf_counter() - t0
+        n = len(members)
+        hood = n - 1 if not cfg.neighbours or cfg.neighbours >= n - 1 else cfg.neighbours
+        self.threshold = cfg.threshold or hood // 2 + 1
+        self.lane_bits = lane_bits_for(n)
+        self.transcript.write_meta(
+            "session.json",
+            {
+                "mode": cfg.mode,
+                "strategy": cfg.strategy,
+                "members": members,
+                "lane_bits": self.lane_bits,
+                "threshold": self.threshold,
+                "session_id": self.session_id.hex(),
+                "fingerprint": self.fingerprint.hex(),
+                "decoded": [],
+            },
+        )
+        for cid in members:
+            self.links[cid].send(welcome=self._welcome(cid))
+        if cfg.mode == "secure":
+            self._secure_setup()
+        ranges = self._round_ranges()
+        salts = layer_salts(self.lm.model)
+        final = np.zeros(self.layout.total, dtype=bool)
+        for rnd, (offset, length, slots) in enumerate(ranges):
+            t1 = time.perf_counter()
+            for cid in self._alive():
+                self.links[cid].send(round_start=pb.RoundStart(round=rnd, offset=offset, length=length))
+            counts, contributors = (self._secure_round if cfg.mode == "secure" else self._plain_round)(
+                rnd, length
+            )
+            t2 = time.perf_counter()
+            layer_counts = {}
+            for slot in slots:
+                start = slot.offset - offset
+                layer_counts[slot.name] = torch.from_numpy(
+                    counts[start : start + slot.numel].astype(np.int16)
+                ).reshape(slot.shape)
+            masks = apply_vote_counts(self.lm.model, layer_counts, self.prune_cfg, len(contributors), salts)
+            for slot in slots:
+                final[slot.offset : slot.offset + slot.numel] = masks[slot.name].flatten().cpu().numpy()
+            self._broadcast_mask(rnd, final[offset : offset + length])
+            self.rounds.append(
+                {
+                    "round": rnd,
+                    "offset": offset,
+                    "length": length,
+                    "contributors": [self.members[i] for i in contributors],
+                    "aggregate_s": t2 - t1,
+                    "selection_s": time.perf_counter() - t2,
+                }
+            )
+        self.timings["federation"] = time.perf_counter() - t0
+        report = self._report(final, eval_before)
+        self._write_outputs(final, report)
+        for cid in self._alive():
+            self.links[cid].send(
+                finished=pb.Finished(
+                    report_json=json.dumps({"final_mask_sha256": report["final_mask_sha256"]})
+                )
+            )
+        return report
+
+    def _alive(self) -> list[str]:
+        return [c for c in self.members if self.links[c].alive]
+
+    def _welcome(self, cid: str) -> pb.Welcome:
+        nm = self.prune_cfg.nm or (0, 0)
+        return pb.Welcome(
+            session_id=self.session_id,
+            index=self.index[cid],
+            mode=self.cfg.mode,
+            strategy=self.cfg.strategy,
+            sparsity=self.cfg.sparsity,
+            comparison_group=self.cfg.group,
+            tie_break=self.cfg.tie_break,
+            weight_scaling=self.cfg.weight_scaling,
+            nm_n=nm[0],
+            nm_m=nm[1],
+            seed=self.cfg.seed,
+            threshold=self.threshold,
+            neighbours=self.cfg.neighbours,
+            lane_bits=self.lane_bits,
+            chunk_elems=self.cfg.chunk_elems,
+            fingerprint=self.fingerprint,
+            roster=[
+                pb.RosterEntry(index=self.index[c], client_id=c, identity_public=self.roster[c])
+                for c in self.members
+            ],
+            manifest=[
+                pb.LayerSlot(name=s.name, block=s.block, rows=s.shape[0], cols=s.shape[1], offset=s.offset)
+                for s in self.layout.slots
+            ],
+            deadline_s=self.cfg.round_deadline_s,
+        )
+
+    def _round_ranges(self):
+        if self.cfg.strategy == "one-shot":
+            return [(0, self.layout.total, self.layout.slots)]
+        out = []
+        for b in range(self.layout.num_blocks):
+            slots = self.layout.block_slots(b)
+            out.append((slots[0].offset, sum(s.numel for s in slots), slots))
+        return out
+
+    def _collect(self, expected: set[str], handle, what: str) -> set[str]:
+        """Feed events to ``handle`` until every expected client is done, gone, or the deadline."""
+        done: set[str] = set()
+        deadline = time.monotonic() + self.cfg.round_deadline_s
+        while expected - done:
+            missing = {c for c in expected - done if self.links[c].alive}
+            if not missing:
+                break
+            try:
+                cid, msg = self.events.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                self.log(f"deadline passed waiting for {what} from {sorted(missing)}")
+                break
+            if msg is None:
+                if cid in expected - done:
+                    self.log(f"client {cid} disconnected during {what}")
+                continue
+            if cid not in expected or cid in done:
+                self._reject("unexpected", f"{msg.WhichOneof('body')} from {cid} during {what}")
+                continue
+            try:
+                if handle(cid, msg):
+                    done.add(cid)
+            except SecAggError as exc:
+                self._reject(type(exc).__name__, f"{cid}: {exc}")
+        return done
+
+    def _reject(self, kind: str, detail: str) -> None:
+        self.rejected[kind] = self.rejected.get(kind, 0) + 1
+        self.log(f"rejected ({kind}): {detail}")
+
+    # ---- secure mode ---------------------------------------------------------------
+    def _secure_setup(self) -> None:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        self.sa_config = SessionConfig(
+            session_id=self.session_id,
+            clients=tuple(range(len(self.members))),
+            threshold=self.threshold,
+            vector_length=self.layout.total,
+            lane_bits=self.lane_bits,
+            chunk_elems=cfg.chunk_elems,
+            neighbours=cfg.neighbours or None,
+        )
+        roster = {self.index[c]: self.roster[c] for c in self.members}
+        self.sa = ServerSession(self.sa_config, roster)
+
+        def on_advert(cid, msg):
+            if msg.WhichOneof("body") != "key_advert" or msg.key_advert.sender != self.index[cid]:
+                raise SecAggError("expected this client's key advertisement")
+            self.sa.receive_advertisement(convert.advert_from_pb(msg.key_advert, self.session_id))
+            return True
+
+        self._collect(set(self.members), on_advert, "key advertisements")
+        try:
+            directory = self.sa.key_directory()
+        except SecAggError as exc:
+            raise FederationAborted(str(exc)) from exc
+        body = pb.KeyDirectory(adverts=[convert.advert_to_pb(a) for a in directory.adverts])
+        for cid in self._alive():
+            self.links[cid].send(key_directory=body)
+        self.timings["key_agreement"] = time.perf_counter() - t0
+
+    def _secure_round(self, rnd: int, length: int):
+        sa, sid = self.sa, self.session_id
+        members = {c for c in self._alive() if self.index[c] in sa.eligible}
+        try:
+            sa.begin_round(rnd, vector_length=length)
+
+            def on_shares(cid, msg):
+                if msg.WhichOneof("body") != "encrypted_shares":
+                    raise SecAggError("expected encrypted shares")
+                sa.receive_shares(convert.shares_from_pb(msg.encrypted_shares, sid, self.index[cid]))
+                return True
+
+            self._collect(members, on_shares, f"round {rnd} key shares")
+            bundles = sa.share_bundles()
+            inverse = {i: c for c, i in self.index.items()}
+            for i, bundle in bundles.items():
+                self.links[inverse[i]].send(share_bundle=convert.bundle_to_pb(bundle))
+
+            def on_input(cid, msg):
+                kind = msg.WhichOneof("body")
+                if kind == "round_done" and msg.round_done.round == rnd:
+                    return True
+                if kind != "chunk":
+                    raise SecAggError(f"expected masked chunks, got {kind}")
+                c = msg.chunk
+                sa.receive_chunk(MaskedChunk(sid, c.round, self.index[cid], c.offset, c.data))
+                return False
+
+            self._collect({inverse[i] for i in bundles}, on_input, f"round {rnd} masked input")
+            survivors = sa.survivor_list()
+            for i in survivors.survivors:
+                self.links[inverse[i]].send(survivor_list=convert.survivors_to_pb(survivors))
+
+            def on_signature(cid, msg):
+                if msg.WhichOneof("body") != "survivor_signature":
+                    raise SecAggError("expected a survivor-list signature")
+                from secagg.messages import ConsistencySignature
+
+                s = msg.survivor_signature
+                sa.receive_signature(ConsistencySignature(sid, s.round, self.index[cid], s.signature))
+                return True
+
+            signers = self._collect(
+                {inverse[i] for i in survivors.survivors}, on_signature, f"round {rnd} consistency signatures"
+            )
+            request = sa.unmask_request()
+            for cid in signers:
+                self.links[cid].send(unmask_request=convert.request_to_pb(request))
+
+            def on_unmask(cid, msg):
+                if msg.WhichOneof("body") != "unmask_shares":
+                    raise SecAggError("expected unmasking shares")
+                sa.receive_unmask(convert.unmask_from_pb(msg.unmask_shares, sid, self.index[cid]))
+                return True
+
+            self._collect(set(signers), on_unmask, f"round {rnd} unmasking shares")
+            counts = sa.finish()
+        except SecAggError as exc:
+            raise FederationAborted(f"round {rnd} aborted: {exc}") from exc
+        meta_path = Path(self.cfg.audit_dir) / "session.json"
+        meta = json.loads(meta_path.read_text())
+        meta["decoded"].append(f"round {rnd}: {length} vote counts over clients {list(survivors.survivors)}")
+        self.transcript.write_meta("session.json", meta)
+        return counts, list(survivors.survivors)
+
+    # ---- plain mode ----------------------------------------------------------------
+    def _plain_round(self, rnd: int, length: int):
+        chunk = self.cfg.chunk_elems
+        buffers: dict[str, np.ndarray] = {}
+        seen: dict[str, set[int]] = {}
+        nchunks = -(-length // chunk)
+
+        def on_input(cid, msg):
+            kind = msg.WhichOneof("body")
+            if kind == "round_done" and msg.round_done.round == rnd:
+                if len(seen.get(cid, ())) != nchunks:
+                    raise SecAggError(f"incomplete mask from {cid}")
+                return True
+            if kind != "chunk" or msg.chunk.round != rnd:
+                raise SecAggError(f"expected mask chunks of round {rnd}, got {kind}")
+            c = msg.chunk
+            count = min(chunk, length - c.offset) if c.offset < length else 0
+            if c.offset % chunk or count <= 0 or len(c.data) != -(-count // 8):
+                raise SecAggError(f"malformed chunk at offset {c.offset}")
+            if c.offset in seen.setdefault(cid, set()):
+                raise SecAggError(f"duplicate chunk at offset {c.offset}")
+            seen[cid].add(c.offset)
+            buf = buffers.setdefault(cid, np.zeros(length, dtype=np.uint8))
+            bits = np.unpackbits(np.frombuffer(c.data, dtype=np.uint8), bitorder="little")[:count]
+            buf[c.offset : c.offset + count] = bits
+            return False
+
+        done = self._collect(set(self._alive()), on_input, f"round {rnd} masks")
+        if len(done) < self.cfg.min_clients:
+            raise FederationAborted(
+                f"round {rnd}: only {len(done)} complete masks, at least {self.cfg.min_clients} needed"
+            )
+        counts = np.zeros(length, dtype=np.int32)
+        for cid in done:
+            counts += buffers[cid]
+        return counts, sorted(self.index[c] for c in done)
+
+    # ---- outputs -------------------------------------------------------------------
+    def _broadcast_mask(self, rnd: int, mask: np.ndarray) -> None:
+        for start in range(0, len(mask), MASK_CHUNK_BITS):
+            part = np.packbits(mask[start : start + MASK_CHUNK_BITS], bitorder="little").tobytes()
+            last = start + MASK_CHUNK_BITS >= len(mask)
+            for cid in self._alive():
+                self.links[cid].send(final_mask=pb.FinalMask(round=rnd, offset=start, data=part, last=last))
+
+    def _evaluate(self) -> dict[str, float]:
+        from fedprune.data import eval_windows, load_text, source_label, tokenize
+        from fedprune.evaluation import perplexity
+
+        out = {}
+        for src in self.cfg.eval_sources:
+            ids = tokenize(self.lm.tokenizer, load_text(src, "evaluation"))
+            out[source_label(src)] = perplexity(
+                self.lm.model, eval_windows(ids, self.cfg.eval_seqlen, self.cfg.eval_windows)
+            )
+        return out
+
+    def _report(self, final: np.ndarray, eval_before) -> dict:
+        packed = np.packbits(final, bitorder="little").tobytes()
+        per_layer = {s.name: float(final[s.offset : s.offset + s.numel].mean()) for s in self.layout.slots}
+        report = {
+            "config": {k: v for k, v in asdict(self.cfg).items() if k != "roster"},
+            "members": self.members,
+            "fingerprint": self.fingerprint.hex(),
+            "final_mask_sha256": hashlib.sha256(packed).hexdigest(),
+            "sparsity": float(final.mean()),
+            "sparsity_per_layer": per_layer,
+            "rounds": self.rounds,
+            "bytes_received": {c: self.links[c].bytes_received for c in self.members},
+            "rejected": self.rejected,
+            "refused": self.refused,
+            "timings": self.timings,
+        }
+        if eval_before is not None:
+            report["perplexity_before"] = eval_before
+            report["perplexity_after"] = self._evaluate()
+        self._packed_mask = packed
+        return report
+
+    def _write_outputs(self, final: np.ndarray, report: dict) -> None:
+        out = Path(self.cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out / "final-mask.bin", self._packed_mask)
+        atomic_write_text(
+            out / "manifest.json",
+            json.dumps(
+                {
+                    "fingerprint": self.fingerprint.hex(),
+                    "bit_order": "little",
+                    "total": self.layout.total,
+                    "layout": self.layout.to_json(),
+                    "final_mask_sha256": report["final_mask_sha256"],
+                },
+                indent=2,
+            ),
+        )
+        if self.cfg.save_model:
+
+            def fill(tmp: Path) -> None:
+                self.lm.model.save_pretrained(tmp, safe_serialization=True)
+                self.lm.tokenizer.save_pretrained(tmp)
+
+            atomic_write_dir(out / "pruned-model", fill)
+        atomic_write_text(out / "report.json", json.dumps(report, indent=2))

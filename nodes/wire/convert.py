@@ -1,0 +1,68 @@
+"""Conversions between secagg's message dataclasses and the protobuf wire messages."""
+
+from __future__ import annotations
+
+from secagg import messages as sm
+from secagg.shamir import Share
+
+from . import federation_pb2 as pb
+
+
+def advert_to_pb(m: sm.AdvertiseKeys) -> pb.KeyAdvert:
+    return pb.KeyAdvert(
+        sender=m.sender, enc_public=m.enc_public, mask_public=m.mask_public, signature=m.signature
+    )
+
+
+def advert_from_pb(p: pb.KeyAdvert, session: bytes) -> sm.AdvertiseKeys:
+    return sm.AdvertiseKeys(session, p.sender, p.enc_public, p.mask_public, p.signature)
+
+
+def shares_to_pb(m: sm.EncryptedShares) -> pb.EncryptedShares:
+    return pb.EncryptedShares(round=m.round, ciphertexts=dict(m.ciphertexts))
+
+
+def shares_from_pb(p: pb.EncryptedShares, session: bytes, sender: int) -> sm.EncryptedShares:
+    return sm.EncryptedShares(session, p.round, sender, dict(p.ciphertexts))
+
+
+def bundle_to_pb(m: sm.ShareBundle) -> pb.ShareBundle:
+    return pb.ShareBundle(round=m.round, ciphertexts=dict(m.ciphertexts))
+
+
+def bundle_from_pb(p: pb.ShareBundle, session: bytes, receiver: int) -> sm.ShareBundle:
+    return sm.ShareBundle(session, p.round, receiver, dict(p.ciphertexts))
+
+
+def survivors_to_pb(m: sm.SurvivorList) -> pb.SurvivorList:
+    return pb.SurvivorList(round=m.round, survivors=list(m.survivors))
+
+
+def survivors_from_pb(p: pb.SurvivorList, session: bytes) -> sm.SurvivorList:
+    return sm.SurvivorList(session, p.round, tuple(p.survivors))
+
+
+def request_to_pb(m: sm.UnmaskRequest) -> pb.UnmaskRequest:
+    return pb.UnmaskRequest(round=m.round, survivors=list(m.survivors), signatures=dict(m.signatures))
+
+
+def request_from_pb(p: pb.UnmaskRequest, session: bytes) -> sm.UnmaskRequest:
+    return sm.UnmaskRequest(session, p.round, tuple(p.survivors), dict(p.signatures))
+
+
+def unmask_to_pb(m: sm.UnmaskShares) -> pb.UnmaskShares:
+    return pb.UnmaskShares(
+        round=m.round,
+        self_mask_shares={k: pb.Share(x=s.x, y=s.y) for k, s in m.self_mask_shares.items()},
+        key_shares={k: pb.Share(x=s.x, y=s.y) for k, s in m.key_shares.items()},
+    )
+
+
+def unmask_from_pb(p: pb.UnmaskShares, session: bytes, sender: int) -> sm.UnmaskShares:
+    return sm.UnmaskShares(
+        session,
+        p.round,
+        sender,
+        {k: Share(s.x, s.y) for k, s in p.self_mask_shares.items()},
+        {k: Share(s.x, s.y) for k, s in p.key_shares.items()},
+    )
