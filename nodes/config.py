@@ -60,6 +60,11 @@ class ServerConfig:
     eval_seqlen: int = 128
 
     def validate(self) -> ServerConfig:
+        if self.insecure:
+            if not is_loopback(self.listen):
+                raise NodeConfigError("--insecure is allowed only on a loopback address")
+        elif not (self.tls_cert and self.tls_key and self.client_ca):
+            raise NodeConfigError("TLS needs tls_cert, tls_key and client_ca (or --insecure on loopback)")
         if self.mode not in ("plain", "secure"):
             raise NodeConfigError(f"mode must be plain or secure, got {self.mode!r}")
         if self.strategy not in ("one-shot", "iterative"):
@@ -68,11 +73,6 @@ class ServerConfig:
             raise NodeConfigError("need 1 <= min_clients <= expected_clients")
         if len(self.roster) < self.min_clients:
             raise NodeConfigError(f"the roster lists {len(self.roster)} clients, fewer than min_clients")
-        if self.insecure:
-            if not is_loopback(self.listen):
-                raise NodeConfigError("--insecure is allowed only on a loopback address")
-        elif not (self.tls_cert and self.tls_key and self.client_ca):
-            raise NodeConfigError("TLS needs tls_cert, tls_key and client_ca (or --insecure on loopback)")
         if self.weight_scaling:
             raise NodeConfigError(
                 "weight scaling needs every party to know the vote counts; it is a study option of "

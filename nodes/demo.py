@@ -28,6 +28,7 @@ def _pump(proc: subprocess.Popen, prefix: str, found: dict, echo: bool) -> None:
         match = re.search(r"listening on \S+:(\d+)", line)
         if match:
             found["port"] = int(match.group(1))
+        found.setdefault("lines", []).append(line)
         if echo and not line.startswith(("Loading weights", "\r")):
             print(f"  [{prefix}] {line}", file=sys.stderr, flush=True)
 
@@ -48,10 +49,16 @@ def start_federation(
     client_env: dict[str, dict] | None = None,
     data: dict[str, Path] | None = None,
     round_deadline_s: float = 600.0,
+    roster_clients: list[str] | None = None,
+    client_args: dict[str, list[str]] | None = None,
+    server_toml: list[str] | None = None,
 ):
-    """Start a server and its clients; return (server process, {client: process}, port)."""
+    """Start a server and its clients; return (server, {client: process}, port, logs).
+
+    ``logs`` maps each process name to {"lines": [...]} of its stderr (and the server's "port").
+    """
     keys, certs = workdir / "keys", workdir / "certs"
-    roster = {c: (keys / f"{c}.pub").read_text().strip() for c in clients}
+    roster = {c: (keys / f"{c}.pub").read_text().strip() for c in (roster_clients or clients)}
     run_dir = workdir / mode
     run_dir.mkdir(parents=True, exist_ok=True)
     toml = [
@@ -60,8 +67,8 @@ def start_federation(
         f'mode = "{mode}"',
         f'strategy = "{strategy}"',
         f"sparsity = {sparsity}",
-        f"expected_clients = {len(clients)}",
-        f"min_clients = {min(2, len(clients))}",
+        f"expected_clients = {len(roster)}",
+        f"min_clients = {min(2, len(roster))}",
         f'tls_cert = "{certs / "server.crt"}"',
         f'tls_key = "{certs / "server.tls.key"}"',
         f'client_ca = "{certs / "ca.pem"}"',
@@ -74,6 +81,8 @@ def start_federation(
     ]
     if eval_windows:
         toml.append(f'eval_sources = ["{EMBEDDED_CORPUS}"]')
+    settings = {line.split("=", 1)[0].strip(): line for line in toml + (server_toml or [])}
+    toml = list(settings.values())  # later lines override earlier keys
     toml.append("[roster]")
     toml += [f'"{c}" = "{pk}"' for c, pk in roster.items()]
     (run_dir / "server.toml").write_text("\n".join(toml) + "\n")
@@ -92,7 +101,8 @@ def start_federation(
             raise RuntimeError("the demo server did not start")
         time.sleep(0.1)
     port = found["port"]
-    procs = {}
+    procs: dict = {}
+    logs: dict = {}
     for c in clients:
         env = dict(__import__("os").environ, **(client_env or {}).get(c, {}))
         procs[c] = subprocess.Popen(
@@ -119,14 +129,17 @@ def start_federation(
                 str(certs / f"{c}.crt"),
                 "--tls-key",
                 str(certs / f"{c}.tls.key"),
+                *(client_args or {}).get(c, []),
             ],
             stderr=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             text=True,
             env=env,
         )
-        threading.Thread(target=_pump, args=(procs[c], c, {}, echo), daemon=True).start()
-    return server, procs, port
+        logs[c] = {}
+        threading.Thread(target=_pump, args=(procs[c], c, logs[c], echo), daemon=True).start()
+    logs["server"] = found
+    return server, procs, port, logs
 
 
 def prepare_workdir(workdir: Path, clients: list[str]) -> None:
@@ -156,7 +169,7 @@ def run_demo(args) -> int:
             file=sys.stderr,
         )
         t0 = time.perf_counter()
-        server, procs, _ = start_federation(
+        server, procs, _, _ = start_federation(
             workdir,
             mode=mode,
             strategy=args.strategy,

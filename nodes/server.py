@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import queue
+import resource
 import threading
 import time
 from concurrent import futures
@@ -526,6 +527,7 @@ class FederationServer(pb_grpc.FederationServicer):
             "rejected": self.rejected,
             "refused": self.refused,
             "timings": self.timings,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
         if eval_before is not None:
             report["perplexity_before"] = eval_before

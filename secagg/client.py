@@ -103,10 +103,10 @@ class ClientSession:
             )
             self._peer_enc[ad.sender] = ad.enc_public
             self._pair_seeds[ad.sender] = keys.agree(self._mask_key, ad.mask_public, info)
-        if len(self._pair_seeds) < self.config.threshold:
+        if len(self._pair_seeds) + 1 < self.config.threshold:
             raise ThresholdError(
-                f"only {len(self._pair_seeds)} neighbours advertised keys; threshold is "
-                f"{self.config.threshold}"
+                f"only {len(self._pair_seeds)} neighbours advertised keys; with this client that is "
+                f"fewer than the threshold {self.config.threshold}"
             )
 
     # Round 1: share keys -----------------------------------------------------
@@ -126,7 +126,7 @@ class ClientSession:
         self._self_seed = os.urandom(32)
         self._held, self._active, self._signed, self._done_unmask = {}, frozenset(), None, False
         holders = sorted(self._peer_enc)
-        xs = [h + 1 for h in holders]
+        xs = [h + 1 for h in (*holders, self.id)]  # as in Bonawitz et al., we hold a share too
         key_shares = shamir.split(keys.raw_private(self._mask_key), self.config.threshold, xs)
         self_shares = shamir.split(self._self_seed, self.config.threshold, xs)
         info = share_key_info(self.config.session_id)
@@ -136,6 +136,7 @@ class ClientSession:
             plaintext = key_shares[h + 1].y + self_shares[h + 1].y
             ad = share_associated_data(self.config.session_id, round_number, self.id, h)
             sealed[h] = keys.seal(key, plaintext, ad)
+        self._own_shares = (key_shares[self.id + 1], self_shares[self.id + 1])
         return EncryptedShares(self.config.session_id, round_number, self.id, sealed)
 
     def receive_shares(self, bundle: ShareBundle) -> None:
@@ -158,8 +159,9 @@ class ClientSession:
                 shamir.Share(x, plain[: shamir.SHARE_BYTES]),
                 shamir.Share(x, plain[shamir.SHARE_BYTES :]),
             )
-        self._held = held
         self._active = frozenset(held)
+        held[self.id] = self._own_shares  # revealed only as a self-mask share, when we survive
+        self._held = held
 
     # Round 2: masked input ---------------------------------------------------
     def masked_chunks(self, values: np.ndarray | ChunkSource) -> Iterator[MaskedChunk]:

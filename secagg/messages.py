@@ -57,9 +57,10 @@ class SessionConfig:
         if self.arithmetic not in ("words", "lanes"):
             raise ConfigError(f"arithmetic must be 'words' or 'lanes', got {self.arithmetic!r}")
         smallest = min(len(n) for n in self.graph.values())
-        if not 1 <= self.threshold <= smallest:
+        if not 1 <= self.threshold <= smallest + 1:
             raise ConfigError(
-                f"threshold {self.threshold} must be between 1 and the neighbourhood size {smallest}"
+                f"threshold {self.threshold} must be between 1 and the sharing group size {smallest + 1} "
+                "(the neighbours and the client itself)"
             )
 
     @cached_property

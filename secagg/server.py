@@ -221,7 +221,7 @@ class ServerSession:
                 raise self._reject(ProtocolError(f"self-mask share of non-survivor {owner}"))
             self._check_share(msg.sender, owner, share)
         for owner, share in msg.key_shares.items():
-            if owner in survivors or owner not in self._u2:
+            if owner in survivors or owner not in self._u2 or owner == msg.sender:
                 raise self._reject(ProtocolError(f"mask key share of client {owner}, who did not drop"))
             self._check_share(msg.sender, owner, share)
         self._unmask[msg.sender] = msg
@@ -286,7 +286,7 @@ class ServerSession:
             raise
 
     def _check_share(self, holder: int, owner: int, share: shamir.Share) -> None:
-        if holder not in self.config.graph[owner] or share.x != holder + 1:
+        if (holder != owner and holder not in self.config.graph[owner]) or share.x != holder + 1:
             raise self._reject(ProtocolError(f"client {holder} cannot hold a share of client {owner}"))
 
     def _require(self, count: int, what: str) -> None:

@@ -30,7 +30,7 @@ def _expected_ok(config, dropouts, num_clients):
     u4 = {c for c in u3 if dropouts.get(c) != "after_masked_input"}
     if min(len(u2), len(u3), len(u4)) < t:
         return False, u3
-    holders_ok = all(len(config.graph[v] & u4) >= t for v in u2)
+    holders_ok = all(len((config.graph[v] | {v}) & u4) >= t for v in u2)
     return holders_ok, u3
 
 
@@ -43,7 +43,7 @@ def test_unmasked_result_equals_plain_sum_over_survivors(data):
     chunk = data.draw(st.sampled_from([128, 256, 384]), label="chunk")
     k = data.draw(st.sampled_from([None] + [x for x in (2, 4, 6) if x < m - 1]), label="k")
     hood = m - 1 if k is None else k
-    t = data.draw(st.integers(1, hood), label="t")
+    t = data.draw(st.integers(1, hood + 1), label="t")
     points = st.sampled_from(["before_key_sharing", "after_key_sharing", "after_masked_input"])
     dropouts = data.draw(st.dictionaries(st.integers(0, m - 1), points, max_size=m), label="dropouts")
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
