@@ -10,8 +10,8 @@ self-mask share of a peer whose key share it has already revealed.
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey

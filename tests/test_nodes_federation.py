@@ -4,12 +4,8 @@ Each test starts a real server and real client processes (python -m nodes.cli).
 """
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -17,7 +13,6 @@ from nodes.demo import start_federation
 from nodes.identity import make_certificates, write_identity
 
 from .conftest import PROSE, save_tiny_model_dir
-
 
 CLIENTS = ["a", "b", "c"]
 
