@@ -241,6 +241,7 @@ def _add_nodes(sub) -> None:
     p.add_argument("--insecure", action="store_true", help="no TLS (loopback only)")
     p.add_argument("--save-model", default="", metavar="DIR")
     p.add_argument("--connect-timeout-s", type=float, default=60.0)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.set_defaults(func=_cmd_client)
 
     p = sub.add_parser("keys", help="create Ed25519 identity keys and print roster lines")
@@ -304,6 +305,10 @@ def _cmd_client(args) -> int:
         raise NodeUsageError("--insecure is allowed only for a loopback server address")
     if not args.insecure and not (args.tls_ca and args.tls_cert and args.tls_key):
         raise NodeUsageError("TLS needs --tls-ca, --tls-cert and --tls-key (or --insecure on loopback)")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     cfg = ClientConfig(
         server=args.server,
         client_id=args.id,
