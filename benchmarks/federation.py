@@ -44,8 +44,16 @@ def main() -> int:
                 (run_dir / sub).symlink_to(work / sub)
             t0 = time.perf_counter()
             server, procs, _, _ = start_federation(
-                run_dir, mode=mode, strategy="one-shot", clients=clients, model=args.model,
-                nsamples=args.nsamples, seqlen=args.seqlen, sparsity=0.5, eval_windows=0, echo=False,
+                run_dir,
+                mode=mode,
+                strategy="one-shot",
+                clients=clients,
+                model=args.model,
+                nsamples=args.nsamples,
+                seqlen=args.seqlen,
+                sparsity=0.5,
+                eval_windows=0,
+                echo=False,
                 client_args={c: ["--threads", str(args.threads)] for c in clients},
             )
             codes = [p.wait() for p in procs.values()]
@@ -54,19 +62,26 @@ def main() -> int:
                 return 1
             wall = time.perf_counter() - t0
             report = json.loads((run_dir / mode / "out" / "report.json").read_text())
-            runs.append({
-                "mode": mode, "wall_s": wall, "federation_s": report["timings"]["federation"],
-                "aggregate_s": report["rounds"][0]["aggregate_s"],
-                "bytes": sum(report["bytes_received"].values()),
-                "peak_rss_mb": report["peak_rss_mb"], "sha": report["final_mask_sha256"],
-                "weights": json.loads((run_dir / mode / "out" / "manifest.json").read_text())["total"],
-            })
+            runs.append(
+                {
+                    "mode": mode,
+                    "wall_s": wall,
+                    "federation_s": report["timings"]["federation"],
+                    "aggregate_s": report["rounds"][0]["aggregate_s"],
+                    "bytes": sum(report["bytes_received"].values()),
+                    "peak_rss_mb": report["peak_rss_mb"],
+                    "sha": report["final_mask_sha256"],
+                    "weights": json.loads((run_dir / mode / "out" / "manifest.json").read_text())["total"],
+                }
+            )
             print(f"{mode} run {rep}: wall {wall:.1f} s", file=sys.stderr, flush=True)
     rows = {}
     for mode in ("plain", "secure"):
         rs = [r for r in runs if r["mode"] == mode]
-        rows[mode] = {k: statistics.median(r[k] for r in rs)
-                      for k in ("wall_s", "federation_s", "aggregate_s", "bytes", "peak_rss_mb")}
+        rows[mode] = {
+            k: statistics.median(r[k] for r in rs)
+            for k in ("wall_s", "federation_s", "aggregate_s", "bytes", "peak_rss_mb")
+        }
     weights = runs[0]["weights"]  # prunable weights in the layout
     lines = [
         "| mode | wall s (median) | federation s | server bytes received | bits per weight per client | server peak RSS MB |",
@@ -74,12 +89,15 @@ def main() -> int:
     ]
     for mode, r in rows.items():
         bpw = r["bytes"] * 8 / (weights * args.clients)
-        lines.append(f"| {mode} | {r['wall_s']:.1f} | {r['federation_s']:.1f} | {r['bytes'] / 1e6:.1f} MB | "
-                     f"{bpw:.2f} | {r['peak_rss_mb']:.0f} |")
+        lines.append(
+            f"| {mode} | {r['wall_s']:.1f} | {r['federation_s']:.1f} | {r['bytes'] / 1e6:.1f} MB | "
+            f"{bpw:.2f} | {r['peak_rss_mb']:.0f} |"
+        )
     ratio = rows["secure"]["wall_s"] / rows["plain"]["wall_s"]
     lines.append("")
-    lines.append(f"secure / plain wall time: {ratio:.3f}; identical final masks: "
-                 f"{len({r['sha'] for r in runs}) == 1}")
+    lines.append(
+        f"secure / plain wall time: {ratio:.3f}; identical final masks: {len({r['sha'] for r in runs}) == 1}"
+    )
     table = "\n".join(lines)
     print(table)
     if args.out:

@@ -86,6 +86,7 @@ def _add_simulate(sub) -> None:
     p.add_argument("--scalings", type=_bools, default=[False, True], help="study: off,on")
     p.add_argument("--sparsities", type=_floats, default=None, help="study: e.g. 0.5,0.6,0.7")
     p.add_argument("--out-dir", default="study", help="study: directory for study.md/.png/.json")
+    p.add_argument("--secure", action="store_true", help="aggregate with the in-process SecAgg protocol")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_simulate)
 
@@ -148,7 +149,12 @@ def _cmd_simulate(args) -> int:
     data = prepare_data(lm, data_cfg)
     data_s = time.perf_counter() - t0
     model_fp = fingerprint(lm.model)
-    report = run_study(lm, data, specs, progress=progress)
+    if args.secure:
+        from .secure_sum import secure_sum
+
+        report = run_study(lm, data, specs, progress=progress, aggregate=secure_sum)
+    else:
+        report = run_study(lm, data, specs, progress=progress)
     report = {
         "model": args.model,
         "fingerprint": model_fp,

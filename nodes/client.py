@@ -12,7 +12,7 @@ import os
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -60,7 +60,6 @@ class ClientConfig:
     insecure: bool = False
     save_model: str = ""
     connect_timeout_s: float = 60.0
-    extra: dict = field(default_factory=dict)
 
 
 def _channel(cfg: ClientConfig) -> grpc.Channel:

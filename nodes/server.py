@@ -30,7 +30,7 @@ from fedprune.strategies import apply_vote_counts, layer_salts
 from secagg import ServerSession, SessionConfig, lane_bits_for
 from secagg.errors import SecAggError
 from secagg.keys import verify as verify_signature
-from secagg.messages import MaskedChunk
+from secagg.messages import ConsistencySignature, MaskedChunk
 
 from .audit import Transcript
 from .config import ServerConfig
@@ -42,6 +42,7 @@ from .wire import federation_pb2_grpc as pb_grpc
 
 PROTOCOL_VERSION = 1
 MASK_CHUNK_BITS = 1 << 23  # elements per FinalMask message (1 MiB bit-packed)
+SPILL_BYTES = 1 << 30  # running sums larger than this live in a memory-mapped file
 
 
 class FederationAborted(Exception):
@@ -206,6 +207,8 @@ class FederationServer(pb_grpc.FederationServicer):
                 link.outbox.put(None)
             server.stop(grace=2)
             self.transcript.close()
+            if getattr(self, "_spill", None) is not None:
+                self._spill.unlink(missing_ok=True)
 
     def _federate(self) -> dict:
         cfg = self.cfg
@@ -372,7 +375,7 @@ class FederationServer(pb_grpc.FederationServicer):
             neighbours=cfg.neighbours or None,
         )
         roster = {self.index[c]: self.roster[c] for c in self.members}
-        self.sa = ServerSession(self.sa_config, roster)
+        self.sa = ServerSession(self.sa_config, roster, buffer_factory=self._sum_buffer)
 
         def on_advert(cid, msg):
             if msg.WhichOneof("body") != "key_advert" or msg.key_advert.sender != self.index[cid]:
@@ -426,8 +429,6 @@ class FederationServer(pb_grpc.FederationServicer):
             def on_signature(cid, msg):
                 if msg.WhichOneof("body") != "survivor_signature":
                     raise SecAggError("expected a survivor-list signature")
-                from secagg.messages import ConsistencySignature
-
                 s = msg.survivor_signature
                 sa.receive_signature(ConsistencySignature(sid, s.round, self.index[cid], s.signature))
                 return True
@@ -455,10 +456,19 @@ class FederationServer(pb_grpc.FederationServicer):
         self.transcript.write_meta("session.json", meta)
         return counts, list(survivors.survivors)
 
+    def _sum_buffer(self, nbytes: int) -> np.ndarray:
+        """The running sum: in memory, or a memory-mapped file for large one-shot vectors."""
+        if nbytes < SPILL_BYTES:
+            return np.zeros(nbytes, dtype=np.uint8)
+        Path(self.cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        path = Path(self.cfg.output_dir) / ".running-sum.tmp"
+        self._spill = path
+        return np.memmap(path, dtype=np.uint8, mode="w+", shape=(nbytes,))
+
     # ---- plain mode ----------------------------------------------------------------
     def _plain_round(self, rnd: int, length: int):
-        chunk = self.cfg.chunk_elems
-        buffers: dict[str, np.ndarray] = {}
+        chunk = self.cfg.chunk_elems  # a multiple of 128, so chunks start on whole bytes
+        buffers: dict[str, np.ndarray] = {}  # bit-packed, as received: 1 bit per weight
         seen: dict[str, set[int]] = {}
         nchunks = -(-length // chunk)
 
@@ -477,9 +487,8 @@ class FederationServer(pb_grpc.FederationServicer):
             if c.offset in seen.setdefault(cid, set()):
                 raise SecAggError(f"duplicate chunk at offset {c.offset}")
             seen[cid].add(c.offset)
-            buf = buffers.setdefault(cid, np.zeros(length, dtype=np.uint8))
-            bits = np.unpackbits(np.frombuffer(c.data, dtype=np.uint8), bitorder="little")[:count]
-            buf[c.offset : c.offset + count] = bits
+            buf = buffers.setdefault(cid, np.zeros(-(-length // 8), dtype=np.uint8))
+            buf[c.offset // 8 : c.offset // 8 + len(c.data)] = np.frombuffer(c.data, dtype=np.uint8)
             return False
 
         done = self._collect(set(self._alive()), on_input, f"round {rnd} masks")
@@ -489,7 +498,7 @@ class FederationServer(pb_grpc.FederationServicer):
             )
         counts = np.zeros(length, dtype=np.int32)
         for cid in done:
-            counts += buffers[cid]
+            counts += np.unpackbits(buffers.pop(cid), bitorder="little", count=length)
         return counts, sorted(self.index[c] for c in done)
 
     # ---- outputs -------------------------------------------------------------------

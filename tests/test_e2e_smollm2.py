@@ -51,9 +51,27 @@ def test_demo_federation_on_embedded_smollm2(tmp_path):
     import sys
 
     proc = subprocess.run(
-        [sys.executable, "-m", "nodes.cli", "demo", "--clients", "2", "--mode", "both", "--nsamples", "1",
-         "--seqlen", "32", "--eval-windows", "1", "--workdir", str(tmp_path)],
-        capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "nodes.cli",
+            "demo",
+            "--clients",
+            "2",
+            "--mode",
+            "both",
+            "--nsamples",
+            "1",
+            "--seqlen",
+            "32",
+            "--eval-windows",
+            "1",
+            "--workdir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "plain and secure final masks are IDENTICAL" in proc.stdout

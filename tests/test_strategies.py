@@ -104,3 +104,15 @@ def test_local_pruning_masks_equal_centralized_and_leave_weights(tiny_model, win
     _, central = _run(tiny_model, [windows], "centralized")
     assert _masks_equal(masks, central.final_masks)
     assert all(torch.equal(before[n], w) for n, w in prunable_weights(tiny_model).items())
+
+
+@pytest.mark.parametrize("strategy", ["one-shot", "iterative"])
+def test_secure_sum_plugs_into_the_aggregation_seam(tiny_model, windows, strategy):
+    from nodes.secure_sum import secure_sum
+
+    clients = [windows[:3], windows[3:6], windows[6:]]
+    plain = prune(copy.deepcopy(tiny_model), clients, PruneConfig(0.5), strategy, progress=False)
+    secure = prune(
+        copy.deepcopy(tiny_model), clients, PruneConfig(0.5), strategy, aggregate=secure_sum, progress=False
+    )
+    assert _masks_equal(plain.final_masks, secure.final_masks)
