@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from secagg import make_session
+from secagg import agree_keys, make_session
 from secagg.prg import MaskStream, context
 from secagg.ring import packed_nbytes, sub_
 
@@ -66,11 +66,7 @@ def run_protocol(
     values = np.random.default_rng(0).integers(0, 2, config.chunk_elems).astype(np.uint8)
     source = lambda offset, count: values[:count]  # noqa: E731  same bits every chunk
     t = time.perf_counter()
-    for c in clients.values():
-        server.receive_advertisement(c.advertise())
-    directory = server.key_directory()
-    for c in clients.values():
-        c.receive_keys(directory)
+    agree_keys(server, clients)
     server.begin_round(0)
     share_times = []
     for c in clients.values():
@@ -134,11 +130,7 @@ def _stream_child(role: str, n: int, bits: int, m: int = 8) -> None:
     t = time.perf_counter()
     if role == "client":
         config, server, clients = make_session(m, n, lane_bits=bits, chunk_elems=CHUNK)
-        for c in clients.values():
-            server.receive_advertisement(c.advertise())
-        d = server.key_directory()
-        for c in clients.values():
-            c.receive_keys(d)
+        agree_keys(server, clients)
         server.begin_round(0)
         for c in clients.values():
             server.receive_shares(c.share_keys(0))

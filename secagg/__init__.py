@@ -22,7 +22,7 @@ from .errors import (
 from .messages import SessionConfig
 from .ring import lane_bits_for
 from .server import ServerSession
-from .simulate import SimulationResult, make_session, run_round, simulate
+from .simulate import SimulationResult, agree_keys, make_session, run_round, simulate
 
 __all__ = [
     "ClientSession",
@@ -40,6 +40,7 @@ __all__ = [
     "SimulationResult",
     "ThresholdError",
     "UnknownSenderError",
+    "agree_keys",
     "lane_bits_for",
     "make_session",
     "run_round",

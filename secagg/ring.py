@@ -155,19 +155,19 @@ def add_words_(acc: np.ndarray, x: np.ndarray) -> np.ndarray:
     boundary and the word sum of the packed inputs *is* the packed lane sum. Masks
     cancel just as well in this group, and a uniform word has uniform lanes.
     """
-    whole = acc.nbytes - acc.nbytes % 8
-    a, b = acc[:whole].view(np.uint64), x[:whole].view(np.uint64)
-    np.add(a, b, out=a)
-    np.add(acc[whole:], x[whole:], out=acc[whole:])
-    return acc
+    return _word_op(np.add, acc, x)
 
 
 def sub_words_(acc: np.ndarray, x: np.ndarray) -> np.ndarray:
     """acc -= x in Z_(2^64) per word (see :func:`add_words_`)."""
+    return _word_op(np.subtract, acc, x)
+
+
+def _word_op(op, acc: np.ndarray, x: np.ndarray) -> np.ndarray:
     whole = acc.nbytes - acc.nbytes % 8
-    a, b = acc[:whole].view(np.uint64), x[:whole].view(np.uint64)
-    np.subtract(a, b, out=a)
-    np.subtract(acc[whole:], x[whole:], out=acc[whole:])
+    words = acc[:whole].view(np.uint64)
+    op(words, x[:whole].view(np.uint64), out=words)
+    op(acc[whole:], x[whole:], out=acc[whole:])
     return acc
 
 

@@ -62,6 +62,15 @@ def make_session(
     return config, server, clients
 
 
+def agree_keys(server: ServerSession, clients: Mapping[int, ClientSession]) -> None:
+    """Round 0 for every client: advertise signed keys, publish the directory, agree seeds."""
+    for client in clients.values():
+        server.receive_advertisement(client.advertise())
+    directory = server.key_directory()
+    for client in clients.values():
+        client.receive_keys(directory)
+
+
 def run_round(
     server: ServerSession,
     clients: Mapping[int, ClientSession],
@@ -127,9 +136,5 @@ def simulate(
         chunk_elems=chunk_elems,
         arithmetic=arithmetic,
     )
-    for client in clients.values():
-        server.receive_advertisement(client.advertise())
-    directory = server.key_directory()
-    for client in clients.values():
-        client.receive_keys(directory)
+    agree_keys(server, clients)
     return run_round(server, clients, dict(enumerate(vectors)), 0, dropouts, record)

@@ -33,6 +33,15 @@ def world(tmp_path_factory):
     return root
 
 
+def _workdir(world, name):
+    """A run directory sharing the world's keys, certificates and private texts."""
+    work = world / name
+    work.mkdir()
+    for sub in ("keys", "certs", "data"):
+        (work / sub).symlink_to(world / sub)
+    return work
+
+
 def _run(
     world,
     name,
@@ -46,10 +55,7 @@ def _run(
     server_toml=None,
     round_deadline_s=60.0,
 ):
-    work = world / name
-    work.mkdir()
-    for sub in ("keys", "certs", "data"):
-        (work / sub).symlink_to(world / sub)
+    work = _workdir(world, name)
     server, procs, _, logs = start_federation(
         work,
         mode=mode,
@@ -209,10 +215,7 @@ def test_bad_signature_wrong_fingerprint_and_wrong_certificate_are_refused(world
 
 
 def test_server_killed_mid_round_clients_exit_with_a_clear_message(world):
-    work = world / "server-killed"
-    work.mkdir()
-    for sub in ("keys", "certs", "data"):
-        (work / sub).symlink_to(world / sub)
+    work = _workdir(world, "server-killed")
     server, procs, _, logs = start_federation(
         work,
         mode="secure",

@@ -15,6 +15,7 @@ from secagg import (
     SignatureError,
     ThresholdError,
     UnknownSenderError,
+    agree_keys,
     make_session,
     run_round,
     simulate,
@@ -53,11 +54,7 @@ def test_unmasked_result_equals_plain_sum_over_survivors(data):
     config, server, clients = make_session(
         m, length, threshold=t, neighbours=k, lane_bits=bits, chunk_elems=chunk, arithmetic=arithmetic
     )
-    for c in clients.values():
-        server.receive_advertisement(c.advertise())
-    directory = server.key_directory()
-    for c in clients.values():
-        c.receive_keys(directory)
+    agree_keys(server, clients)
     ok, u3 = _expected_ok(config, dropouts, m)
     if ok:
         result = run_round(server, clients, vectors, 0, dropouts)
@@ -73,11 +70,7 @@ def test_unmasked_result_equals_plain_sum_over_survivors(data):
 
 def _session(m=5, length=300, **kw):
     config, server, clients = make_session(m, length, chunk_elems=128, **kw)
-    for c in clients.values():
-        server.receive_advertisement(c.advertise())
-    d = server.key_directory()
-    for c in clients.values():
-        c.receive_keys(d)
+    agree_keys(server, clients)
     return config, server, clients
 
 
