@@ -118,7 +118,7 @@ def run_client(cfg: ClientConfig, log=print) -> dict:
         )
     )
     try:
-        return _session(cfg, lm, lay, windows, identity, inbox, outgoing, log)
+        return _session(cfg, lm, lay, fp, windows, identity, inbox, outgoing, log)
     finally:
         outgoing.put(_EOF)
         channel.close()
@@ -138,7 +138,7 @@ def _next(inbox: queue.Queue, deadline_s: float):
     return item
 
 
-def _session(cfg, lm, lay, windows, identity, inbox, outgoing, log) -> dict:
+def _session(cfg, lm, lay, fp, windows, identity, inbox, outgoing, log) -> dict:
     fault = os.environ.get("FEDPRUNE_FAULT", "")  # test instrumentation for fault injection
     deadline = cfg.connect_timeout_s + 600
     welcome = None
@@ -154,7 +154,7 @@ def _session(cfg, lm, lay, windows, identity, inbox, outgoing, log) -> dict:
         if kind == "welcome":
             welcome = msg.welcome
             deadline = welcome.deadline_s + 60
-            if welcome.fingerprint != bytes.fromhex(fingerprint(lm.model)):
+            if welcome.fingerprint != fp:
                 raise ClientFailed("the server's model fingerprint differs from ours; refusing to continue")
             manifest = [(s.name, (s.rows, s.cols), s.offset) for s in welcome.manifest]
             if manifest != [(s.name, s.shape, s.offset) for s in lay.slots]:
