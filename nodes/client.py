@@ -214,6 +214,8 @@ def _session(cfg, lm, lay, fp, windows, identity, inbox, outgoing, log) -> dict:
             sa.receive_shares(convert.bundle_from_pb(msg.share_bundle, welcome.session_id, welcome.index))
             if fault == "exit-before-input":
                 os._exit(3)
+            if fault == "stall-before-input":
+                time.sleep(3600)  # hold the round open (the test kills us)
             if fault == "bad-chunk":
                 send(chunk=pb.VectorChunk(round=sa.round, offset=3, data=b"\x00"))
             for chunk in sa.masked_chunks(pending):

@@ -229,16 +229,21 @@ def test_server_killed_mid_round_clients_exit_with_a_clear_message(world):
         echo=False,
         round_deadline_s=60.0,
         client_args={c: ["--save-model", str(work / f"{c}-model")] for c in CLIENTS},
-        client_env={"c": {"FEDPRUNE_FAULT": "exit-before-input"}},
+        client_env={"c": {"FEDPRUNE_FAULT": "stall-before-input"}},  # holds round 0 open
     )
     deadline = time.monotonic() + 120
-    while not any("disconnected" in line for line in logs["server"].get("lines", [])):
+    while not all(any("local masks ready" in line for line in logs[c].get("lines", [])) for c in CLIENTS):
         assert time.monotonic() < deadline
         time.sleep(0.2)
+    time.sleep(3)  # a and b send their masked input; the server waits for c
+    assert server.poll() is None
     server.send_signal(signal.SIGKILL)
     server.wait()
     start = time.monotonic()
-    codes = {c: procs[c].wait(timeout=90) for c in ("a", "b")}
+    try:
+        codes = {c: procs[c].wait(timeout=90) for c in ("a", "b")}
+    finally:
+        procs["c"].kill()
     assert time.monotonic() - start < 90
     assert all(code != 0 for code in codes.values())
     for c in ("a", "b"):
