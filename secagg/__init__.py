@@ -10,6 +10,7 @@ from .errors import (
     ConfigError,
     DecryptionError,
     IncompleteInputError,
+    InvalidAggregateError,
     ProtocolError,
     RefusalError,
     ReplayError,
@@ -19,16 +20,17 @@ from .errors import (
     ThresholdError,
     UnknownSenderError,
 )
-from .messages import SessionConfig
+from .messages import SessionConfig, ThreatModel, default_threshold
 from .ring import lane_bits_for
 from .server import ServerSession
-from .simulate import SimulationResult, agree_keys, make_session, run_round, simulate
+from .simulate import SimulationResult, make_session, run_round, simulate
 
 __all__ = [
     "ClientSession",
     "ConfigError",
     "DecryptionError",
     "IncompleteInputError",
+    "InvalidAggregateError",
     "ProtocolError",
     "RefusalError",
     "ReplayError",
@@ -38,9 +40,10 @@ __all__ = [
     "ShareError",
     "SignatureError",
     "SimulationResult",
+    "ThreatModel",
     "ThresholdError",
     "UnknownSenderError",
-    "agree_keys",
+    "default_threshold",
     "lane_bits_for",
     "make_session",
     "run_round",

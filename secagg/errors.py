@@ -37,6 +37,10 @@ class ThresholdError(SecAggError):
     """Fewer than t parties survived; the round aborts and outputs nothing."""
 
 
+class InvalidAggregateError(SecAggError):
+    """The unmasked sum is impossible for honest inputs (a lane above its bound): a client cheated."""
+
+
 class RefusalError(SecAggError):
     """A client refuses a request that would unmask a peer (both shares of one peer)."""
 

@@ -1,9 +1,12 @@
 """Protocol messages (frozen dataclasses) and the session configuration.
 
-A session is one roster of clients with agreed keys; it runs one or more
-rounds (one per aggregation; iterative pruning runs one per decoder block).
-Message flow per round: EncryptedShares -> ShareBundle -> MaskedChunk* ->
-SurvivorList -> ConsistencySignature -> UnmaskRequest -> UnmaskShares.
+A session is one roster of clients and one neighbour graph; it runs one or
+more rounds (one per aggregation; iterative pruning runs one per decoder
+block). Every round is self-contained: it starts with freshly generated,
+signed key pairs, so nothing revealed in one round says anything about
+another. Message flow per round: AdvertiseKeys -> KeyDirectory ->
+EncryptedShares -> ShareBundle -> MaskedChunk* -> SurvivorList ->
+ConsistencySignature -> UnmaskRequest -> UnmaskShares.
 """
 
 from __future__ import annotations
@@ -17,10 +20,26 @@ import numpy as np
 
 from .errors import ConfigError
 from .graph import neighbour_graph
-from .ring import LANE_BITS, add_, add_words_, packed_nbytes, sub_, sub_words_
+from .ring import LANE_BITS, add_, packed_nbytes, sub_
 from .shamir import Share
 
 CHUNK_ALIGN = 128  # elements; keeps every chunk on a whole AES block for any lane width
+ThreatModel = Literal["honest-but-curious", "malicious"]
+
+
+def default_threshold(group_size: int, threat: ThreatModel = "honest-but-curious") -> int:
+    """The smallest safe t for a sharing group of ``group_size`` (neighbours + the client).
+
+    ``honest-but-curious``: t > g/2, so two disjoint sets of t holders cannot exist and
+    no client's self-mask and mask-key shares can both reach t in one round, whatever
+    survivor lists the server shows to whom. ``malicious``: t > 2g/3 (Bonawitz et al.,
+    CCS 2017, for an actively malicious server that may also forge dropouts).
+    """
+    if threat == "malicious":
+        return 2 * group_size // 3 + 1
+    if threat == "honest-but-curious":
+        return group_size // 2 + 1
+    raise ConfigError(f"threat model must be honest-but-curious or malicious, got {threat!r}")
 
 
 @dataclass(frozen=True)
@@ -35,7 +54,7 @@ class SessionConfig:
     chunk_elems: int = 1 << 20
     neighbours: int | None = None  # None: complete graph (classic SecAgg)
     graph_seed: bytes = b""
-    arithmetic: Literal["words", "lanes"] = "words"  # masking group, see secagg.ring
+    input_bound: int = 1  # every honest input value is in [0, input_bound] (1: binary votes)
 
     def __post_init__(self) -> None:
         if len(self.session_id) < 8:
@@ -46,7 +65,9 @@ class SessionConfig:
             raise ConfigError("client ids must be non-negative integers")
         if self.lane_bits not in LANE_BITS:
             raise ConfigError(f"lane width must be one of {LANE_BITS}, got {self.lane_bits}")
-        if (1 << self.lane_bits) <= len(self.clients):
+        if self.input_bound < 1:
+            raise ConfigError("the input bound must be at least 1")
+        if (1 << self.lane_bits) <= self.input_bound * len(self.clients):
             raise ConfigError(
                 f"{self.lane_bits}-bit lanes cannot hold a sum over {len(self.clients)} clients"
             )
@@ -54,29 +75,35 @@ class SessionConfig:
             raise ConfigError("the vector must have at least one element")
         if self.chunk_elems < CHUNK_ALIGN or self.chunk_elems % CHUNK_ALIGN:
             raise ConfigError(f"chunks must be a positive multiple of {CHUNK_ALIGN} elements")
-        if self.arithmetic not in ("words", "lanes"):
-            raise ConfigError(f"arithmetic must be 'words' or 'lanes', got {self.arithmetic!r}")
-        smallest = min(len(n) for n in self.graph.values())
-        if not 1 <= self.threshold <= smallest + 1:
+        smallest = min(len(n) for n in self.graph.values()) + 1
+        largest = max(len(n) for n in self.graph.values()) + 1
+        if not largest // 2 < self.threshold <= smallest:
             raise ConfigError(
-                f"threshold {self.threshold} must be between 1 and the sharing group size {smallest + 1} "
-                "(the neighbours and the client itself)"
+                f"threshold {self.threshold} must be more than half of every sharing group "
+                f"(the neighbours and the client itself: {largest}) and at most the smallest "
+                f"({smallest}); a lower threshold lets a server show two disjoint halves two "
+                "different stories and unmask a client"
             )
 
     @cached_property
     def graph(self) -> dict[int, frozenset[int]]:
         return neighbour_graph(self.clients, self.neighbours, self.graph_seed or self.session_id)
 
+    def group(self, client: int) -> frozenset[int]:
+        """The client's sharing group: its neighbours and itself (the holders of its shares)."""
+        return self.graph[client] | {client}
+
+    @property
+    def dropout_tolerance(self) -> int:
+        """How many members of a sharing group may drop while every round still completes."""
+        return min(len(n) for n in self.graph.values()) + 1 - self.threshold
+
     def add_(self, acc: np.ndarray, x: np.ndarray) -> np.ndarray:
-        """acc += x in the session's masking group."""
-        if self.arithmetic == "words":
-            return add_words_(acc, x)
+        """acc += x, lane by lane in Z_(2^b) (no carry crosses a lane)."""
         return add_(acc, x, self.lane_bits)
 
     def sub_(self, acc: np.ndarray, x: np.ndarray) -> np.ndarray:
-        """acc -= x in the session's masking group."""
-        if self.arithmetic == "words":
-            return sub_words_(acc, x)
+        """acc -= x, lane by lane in Z_(2^b)."""
         return sub_(acc, x, self.lane_bits)
 
     @property
@@ -100,16 +127,20 @@ class SessionConfig:
 
 @dataclass(frozen=True)
 class AdvertiseKeys:
+    """A client's key pairs for one round, generated for that round alone."""
+
     session: bytes
+    round: int
     sender: int
-    enc_public: bytes  # X25519, encrypts shares
-    mask_public: bytes  # X25519, agrees pairwise mask seeds
-    signature: bytes  # Ed25519 identity key over the above
+    enc_public: bytes  # X25519, encrypts this round's shares
+    mask_public: bytes  # X25519, agrees this round's pairwise mask seeds
+    signature: bytes  # Ed25519 identity key over all of the above
 
 
 @dataclass(frozen=True)
 class KeyDirectory:
     session: bytes
+    round: int
     adverts: tuple[AdvertiseKeys, ...]
 
 
@@ -170,8 +201,11 @@ class UnmaskShares:
     key_shares: Mapping[int, Share] = field(default_factory=dict)  # dropped client -> share
 
 
-def advert_message(session: bytes, sender: int, enc_public: bytes, mask_public: bytes) -> bytes:
-    return b"|".join([b"advertise", session, str(sender).encode(), enc_public, mask_public])
+def advert_message(
+    session: bytes, round_number: int, sender: int, enc_public: bytes, mask_public: bytes
+) -> bytes:
+    fields = [b"advertise", session, str(round_number).encode(), str(sender).encode()]
+    return b"|".join([*fields, enc_public, mask_public])
 
 
 def survivors_message(session: bytes, round_number: int, survivors: tuple[int, ...]) -> bytes:

@@ -1,9 +1,9 @@
 """Arithmetic in Z_(2^b) on densely packed lanes, b in {1, 2, 4, 8, 16}.
 
-Two groups are available for masking packed vectors: ``lanes`` (Z_(2^b) per
-lane, the textbook choice) and ``words`` (Z_(2^64) per 64-bit word of the packed
-bytes, native speed; correct because a sum of at most m < 2^b votes never
-carries across a lane, see :func:`add_words_`).
+Masks are added lane by lane in Z_(2^b): whatever a client puts in one lane
+(an honest 0/1 vote or a malicious 2^b - 1), nothing ever carries into the
+next lane, so every decoded count depends on that weight's inputs alone and
+can be checked against its bounds after unmasking.
 
 Layout: element ``e`` occupies bits ``[e*b, (e+1)*b)`` of a little-endian bit
 stream (for b = 16, a little-endian uint16 array). Packed arrays are added and
@@ -83,9 +83,10 @@ def unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     return out.reshape(-1)[:count]
 
 
-def _words(a: np.ndarray) -> np.ndarray:
-    """View a uint8 array as 64-bit words when its length allows, else as bytes."""
-    return a.view(np.uint64) if a.nbytes % 8 == 0 else a
+def _split(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A uint8 array as (its whole 64-bit words, the bytes of the tail)."""
+    whole = a.nbytes - a.nbytes % 8
+    return a[:whole].view(np.uint64), a[whole:]
 
 
 def _high(bits: int, dtype) -> np.generic:
@@ -114,15 +115,9 @@ def add_(acc: np.ndarray, x: np.ndarray, bits: int) -> np.ndarray:
         a16 = acc.view(np.uint16)
         np.add(a16, x.view(np.uint16), out=a16)
     else:
-        a, b = _words(acc), _words(x)
-        high = _high(bits, a.dtype)
-        low = ~high
-        t = _temp(a)
-        np.bitwise_xor(a, b, out=t)  # the lanes' top bits, added without carry in
-        t &= high
-        a &= low
-        np.add(a, np.bitwise_and(b, low, out=_temp(b, 1)), out=a)  # no lane overflows
-        a ^= t
+        for a, b in zip(_split(acc), _split(x), strict=True):
+            if len(a):
+                _swar_add(a, b, _high(bits, a.dtype))
     return acc
 
 
@@ -134,41 +129,33 @@ def sub_(acc: np.ndarray, x: np.ndarray, bits: int) -> np.ndarray:
         a16 = acc.view(np.uint16)
         np.subtract(a16, x.view(np.uint16), out=a16)
     else:
-        a, b = _words(acc), _words(x)
-        high = _high(bits, a.dtype)
-        low = ~high
-        t = _temp(a)
-        np.bitwise_xor(a, b, out=t)
-        np.invert(t, out=t)  # a ^ ~b: the lanes' top bits after borrowing
-        t &= high
-        a |= high  # every lane lends itself its own borrow bit
-        np.subtract(a, np.bitwise_and(b, low, out=_temp(b, 1)), out=a)
-        a ^= t
+        for a, b in zip(_split(acc), _split(x), strict=True):
+            if len(a):
+                _swar_sub(a, b, _high(bits, a.dtype))
     return acc
 
 
-def add_words_(acc: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """acc += x in Z_(2^64) per 64-bit word (Z_256 for a tail that is not a whole word).
-
-    Packed lane vectors may be summed this way instead of lane by lane: every lane
-    of the true sum of m binary votes is < 2^b, so no carry ever crosses a lane
-    boundary and the word sum of the packed inputs *is* the packed lane sum. Masks
-    cancel just as well in this group, and a uniform word has uniform lanes.
-    """
-    return _word_op(np.add, acc, x)
-
-
-def sub_words_(acc: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """acc -= x in Z_(2^64) per word (see :func:`add_words_`)."""
-    return _word_op(np.subtract, acc, x)
+def _swar_add(a: np.ndarray, b: np.ndarray, high) -> None:
+    """Lane-wise a += b: add the low bits (no lane can overflow), then set the top bits by xor."""
+    low = ~high
+    t = _temp(a)
+    np.bitwise_xor(a, b, out=t)  # the lanes' top bits, added without carry in
+    t &= high
+    a &= low
+    np.add(a, np.bitwise_and(b, low, out=_temp(b, 1)), out=a)
+    a ^= t
 
 
-def _word_op(op, acc: np.ndarray, x: np.ndarray) -> np.ndarray:
-    whole = acc.nbytes - acc.nbytes % 8
-    words = acc[:whole].view(np.uint64)
-    op(words, x[:whole].view(np.uint64), out=words)
-    op(acc[whole:], x[whole:], out=acc[whole:])
-    return acc
+def _swar_sub(a: np.ndarray, b: np.ndarray, high) -> None:
+    """Lane-wise a -= b: every lane lends itself its own borrow bit, then fix the top bits."""
+    low = ~high
+    t = _temp(a)
+    np.bitwise_xor(a, b, out=t)
+    np.invert(t, out=t)  # a ^ ~b: the lanes' top bits after borrowing
+    t &= high
+    a |= high
+    np.subtract(a, np.bitwise_and(b, low, out=_temp(b, 1)), out=a)
+    a ^= t
 
 
 def _check_bits(bits: int) -> None:

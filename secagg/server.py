@@ -4,8 +4,11 @@ the consistency check, removes the masks with the survivors' shares.
 The server holds one running sum (packed lanes, from ``buffer_factory``) and
 never a client's full vector. It never asks for both shares of one client: for
 a survivor it collects self-mask shares, for a client that dropped after
-sharing keys it collects mask-key shares, and a client whose mask key it has
-reconstructed is excluded from every later round of the session.
+sharing keys it collects mask-key shares. Keys are per round, so a client
+whose mask key was reconstructed in one round may take part in the next with
+fresh keys. After unmasking it checks the sum against what honest inputs
+allow (every lane at most ``input_bound`` times the number of survivors):
+masking hides each input, so this is where an out-of-range input shows.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from . import keys, shamir
 from .client import pair_seed_info
 from .errors import (
     IncompleteInputError,
+    InvalidAggregateError,
     ProtocolError,
     ReplayError,
     ShareError,
@@ -44,7 +48,7 @@ from .messages import (
 from .prg import MaskStream, context
 from .ring import unpack
 
-Phase = Literal["advertise", "idle", "share", "input", "consistency", "unmask", "done"]
+Phase = Literal["idle", "advertise", "share", "input", "consistency", "unmask", "done"]
 BufferFactory = Callable[[int], np.ndarray]
 
 
@@ -67,34 +71,11 @@ class ServerSession:
         self.config = config
         self._roster = roster
         self._buffer_factory = buffer_factory
-        self.phase: Phase = "advertise"
-        self._adverts: dict[int, AdvertiseKeys] = {}
-        self.excluded: set[int] = set()  # mask key reconstructed: never aggregated again
+        self.phase: Phase = "idle"
         self.round: int | None = None
         self.rejected: dict[str, int] = {}
 
-    # Round 0 -----------------------------------------------------------------
-    def receive_advertisement(self, msg: AdvertiseKeys) -> None:
-        self._expect("advertise")
-        self._check_session(msg.session)
-        self._check_member(msg.sender)
-        if msg.sender in self._adverts:
-            raise self._reject(ProtocolError(f"duplicate key advertisement from client {msg.sender}"))
-        self._verify(
-            msg.sender,
-            msg.signature,
-            advert_message(msg.session, msg.sender, msg.enc_public, msg.mask_public),
-        )
-        self._adverts[msg.sender] = msg
-
-    def key_directory(self) -> KeyDirectory:
-        """Close round 0 and publish every verified advertisement."""
-        self._expect("advertise")
-        self._require(len(self._adverts), "clients advertised keys")
-        self.phase = "idle"
-        return KeyDirectory(self.config.session_id, tuple(self._adverts[c] for c in sorted(self._adverts)))
-
-    # Round 1 -----------------------------------------------------------------
+    # Round 0: this round's keys ------------------------------------------------
     def begin_round(self, round_number: int, vector_length: int | None = None) -> None:
         """Open a round; ``vector_length`` overrides the session's for this round only."""
         if self.phase not in ("idle", "done"):
@@ -102,26 +83,45 @@ class ServerSession:
         if self.round is not None and round_number <= self.round:
             raise ReplayError(f"round {round_number} is not after round {self.round}")
         self.round = round_number
-        self.phase = "share"
+        self.phase = "advertise"
         self.round_config = (
             replace(self.config, vector_length=vector_length) if vector_length else self.config
         )
+        self._adverts: dict[int, AdvertiseKeys] = {}
         self._shares: dict[int, EncryptedShares] = {}
         self._sum: np.ndarray | None = None
         self._chunks: dict[int, set[int]] = {}
         self._survivors: tuple[int, ...] = ()
         self._signatures: dict[int, bytes] = {}
         self._unmask: dict[int, UnmaskShares] = {}
+        self.dropped: tuple[int, ...] = ()
         self.bytes_received: dict[int, int] = {}
 
-    @property
-    def eligible(self) -> set[int]:
-        return set(self._adverts) - self.excluded
+    def receive_advertisement(self, msg: AdvertiseKeys) -> None:
+        self._check_message(msg.session, msg.round, msg.sender, "advertise")
+        if msg.sender in self._adverts:
+            raise self._reject(ProtocolError(f"duplicate key advertisement from client {msg.sender}"))
+        self._verify(
+            msg.sender,
+            msg.signature,
+            advert_message(msg.session, msg.round, msg.sender, msg.enc_public, msg.mask_public),
+        )
+        self._adverts[msg.sender] = msg
+        self._count(msg.sender, len(msg.enc_public) + len(msg.mask_public) + len(msg.signature))
 
+    def key_directory(self) -> KeyDirectory:
+        """Close round 0 and publish this round's verified advertisements."""
+        self._expect("advertise")
+        self._require(len(self._adverts), "clients advertised keys")
+        self.phase = "share"
+        adverts = tuple(self._adverts[c] for c in sorted(self._adverts))
+        return KeyDirectory(self.config.session_id, self.round, adverts)
+
+    # Round 1 -----------------------------------------------------------------
     def receive_shares(self, msg: EncryptedShares) -> None:
         self._check_message(msg.session, msg.round, msg.sender, "share")
-        if msg.sender not in self.eligible:
-            raise self._reject(UnknownSenderError(f"client {msg.sender} may not take part in this round"))
+        if msg.sender not in self._adverts:
+            raise self._reject(UnknownSenderError(f"client {msg.sender} did not advertise keys this round"))
         if msg.sender in self._shares:
             raise self._reject(ProtocolError(f"duplicate shares from client {msg.sender}"))
         allowed = self.config.graph[msg.sender] & set(self._adverts)
@@ -240,7 +240,7 @@ class ServerSession:
         dropped = sorted(self._u2 - survivors)
         self_seeds = {v: self._reconstruct(v, "self") for v in self._survivors}
         dropped_keys = {v: self._reconstruct(v, "key") for v in dropped}
-        info = pair_seed_info(cfg.session_id)
+        info = pair_seed_info(cfg.session_id, self.round)
         session, rnd = cfg.session_id, self.round
         removals: list[tuple[MaskStream, bool]] = []  # (stream, subtract?)
         for v in self._survivors:
@@ -252,15 +252,30 @@ class ServerSession:
                 seed = keys.agree(dropped_keys[v], self._adverts[w].mask_public, info)
                 stream = MaskStream.derive(seed, context(session, rnd, "pair", *sorted((v, w))))
                 removals.append((stream, w < v))  # w added +PRG when w < v: subtract it
-        self.excluded.update(dropped)
+        limit = cfg.input_bound * len(self._survivors)
         for start, stop in _chunk_ranges(cfg):
             target = self._sum[start:stop]
             for stream, subtract in removals:
                 mask = stream.keystream(start, stop - start)
                 (cfg.sub_ if subtract else cfg.add_)(target, mask)
+            if limit < (1 << cfg.lane_bits) - 1:
+                self._check_chunk(target, start, limit)
         self.phase = "done"
         self.dropped = tuple(dropped)
         return self._sum
+
+    def _check_chunk(self, packed: np.ndarray, byte_start: int, limit: int) -> None:
+        """Abort if any unmasked lane exceeds ``limit``: no honest inputs can sum to more."""
+        bits = self.config.lane_bits
+        lanes = unpack(packed, bits, len(packed) * 8 // bits)
+        if lanes.size and int(lanes.max()) > limit:
+            self.phase = "done"
+            worst = int(np.argmax(lanes))
+            raise InvalidAggregateError(
+                f"round {self.round}: element {byte_start * 8 // bits + worst} sums to {int(lanes[worst])}, "
+                f"more than {limit} ({len(self._survivors)} survivors x {self.config.input_bound}); a "
+                "client sent values outside the honest range, the round is aborted"
+            )
 
     @property
     def survivors(self) -> tuple[int, ...]:

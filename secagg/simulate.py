@@ -12,11 +12,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from . import keys
 from .client import ClientSession
-from .messages import SessionConfig
+from .messages import SessionConfig, ThreatModel, default_threshold
 from .ring import lane_bits_for
 from .server import ServerSession
 
-DropPoint = Literal["before_key_sharing", "after_key_sharing", "after_masked_input"]
+DropPoint = Literal["before_advertising", "before_key_sharing", "after_key_sharing", "after_masked_input"]
 
 
 @dataclass
@@ -39,36 +39,26 @@ def make_session(
     lane_bits: int | None = None,
     chunk_elems: int = 1 << 16,
     session_id: bytes | None = None,
-    arithmetic: str = "words",
+    threat: ThreatModel = "honest-but-curious",
 ) -> tuple[SessionConfig, ServerSession, dict[int, ClientSession]]:
     """A fresh session with random identities: the config, the server and every client."""
     ids = tuple(range(num_clients))
     identities = {c: Ed25519PrivateKey.generate() for c in ids}
     roster = {c: keys.raw_public(k.public_key()) for c, k in identities.items()}
     k = neighbours if neighbours is not None and neighbours < num_clients - 1 else None
-    hood = k if k is not None else num_clients - 1
+    group = (k if k is not None else num_clients - 1) + 1
     config = SessionConfig(
         session_id=session_id or os.urandom(16),
         clients=ids,
-        threshold=threshold if threshold is not None else hood // 2 + 1,
+        threshold=threshold if threshold is not None else default_threshold(group, threat),
         vector_length=vector_length,
         lane_bits=lane_bits or lane_bits_for(num_clients),
         chunk_elems=chunk_elems,
         neighbours=k,
-        arithmetic=arithmetic,
     )
     server = ServerSession(config, roster)
     clients = {c: ClientSession(config, c, identities[c], roster) for c in ids}
     return config, server, clients
-
-
-def agree_keys(server: ServerSession, clients: Mapping[int, ClientSession]) -> None:
-    """Round 0 for every client: advertise signed keys, publish the directory, agree seeds."""
-    for client in clients.values():
-        server.receive_advertisement(client.advertise())
-    directory = server.key_directory()
-    for client in clients.values():
-        client.receive_keys(directory)
 
 
 def run_round(
@@ -79,13 +69,19 @@ def run_round(
     dropouts: Mapping[int, DropPoint] | None = None,
     record: bool = False,
 ) -> SimulationResult:
-    """One aggregation round among ``clients`` (keys already agreed)."""
+    """One aggregation round among ``clients``: fresh keys, shares, masked input, unmasking."""
     dropouts = dict(dropouts or {})
-    live = [c for c in sorted(clients) if c in server.eligible]
     server.begin_round(round_number)
-    for c in live:
+    for c in sorted(clients):
+        if dropouts.get(c) != "before_advertising":
+            server.receive_advertisement(clients[c].advertise(round_number))
+    directory = server.key_directory()
+    for c in sorted(clients):
+        if dropouts.get(c) in ("before_advertising",):
+            continue
+        clients[c].receive_keys(directory)
         if dropouts.get(c) != "before_key_sharing":
-            server.receive_shares(clients[c].share_keys(round_number))
+            server.receive_shares(clients[c].share_keys())
     bundles = server.share_bundles()
     masked: dict[int, bytes] = {}
     for c, bundle in bundles.items():
@@ -119,9 +115,8 @@ def simulate(
     lane_bits: int | None = None,
     chunk_elems: int = 1 << 16,
     record: bool = False,
-    arithmetic: str = "words",
 ) -> SimulationResult:
-    """Run key agreement and one secure round over ``vectors`` (one per client, values < 2^b).
+    """Run one secure round over ``vectors`` (one per client, values < 2^b).
 
     ``dropouts`` maps a client to the point where it drops. The result's ``total``
     equals the plain sum over the clients that sent their masked input.
@@ -134,7 +129,5 @@ def simulate(
         neighbours=neighbours,
         lane_bits=lane_bits,
         chunk_elems=chunk_elems,
-        arithmetic=arithmetic,
     )
-    agree_keys(server, clients)
     return run_round(server, clients, dict(enumerate(vectors)), 0, dropouts, record)
