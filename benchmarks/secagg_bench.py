@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from secagg import agree_keys, make_session
+from secagg import make_session
 from secagg.prg import MaskStream, context
 from secagg.ring import packed_nbytes, sub_
 
@@ -51,9 +51,26 @@ def limit_seconds(masks: int, n: int, bits: int, rates: tuple[float, float]) -> 
     return masks * (nbytes / rates[0] + nbytes / rates[1])
 
 
-def run_protocol(
-    m: int, n: int, bits: int, neighbours: int | None, dropouts: int, arithmetic: str = "words"
-) -> dict:
+def open_round(server, clients) -> tuple[float, list[float]]:
+    """Round 0 (fresh signed keys) and round 1 (shares): (key round seconds, share seconds per client)."""
+    t = time.perf_counter()
+    server.begin_round(0)
+    for c in clients.values():
+        server.receive_advertisement(c.advertise(0))
+    directory = server.key_directory()
+    for c in clients.values():
+        c.receive_keys(directory)
+    keys = time.perf_counter() - t
+    share_times = []
+    for c in clients.values():
+        t0 = time.perf_counter()
+        msg = c.share_keys()
+        share_times.append(time.perf_counter() - t0)
+        server.receive_shares(msg)
+    return keys, share_times
+
+
+def run_protocol(m: int, n: int, bits: int, neighbours: int | None, dropouts: int) -> dict:
     """One full round through the state machines; times per role and phase."""
     config, server, clients = make_session(
         m,
@@ -61,19 +78,11 @@ def run_protocol(
         lane_bits=bits,
         neighbours=neighbours,
         chunk_elems=min(CHUNK, -(-n // 128) * 128),
-        arithmetic=arithmetic,
     )
     values = np.random.default_rng(0).integers(0, 2, config.chunk_elems).astype(np.uint8)
     source = lambda offset, count: values[:count]  # noqa: E731  same bits every chunk
     t = time.perf_counter()
-    agree_keys(server, clients)
-    server.begin_round(0)
-    share_times = []
-    for c in clients.values():
-        t0 = time.perf_counter()
-        msg = c.share_keys(0)
-        share_times.append(time.perf_counter() - t0)
-        server.receive_shares(msg)
+    key_round, share_times = open_round(server, clients)
     setup = time.perf_counter() - t
     bundles = server.share_bundles()
     dropped = set(range(dropouts))
@@ -101,7 +110,6 @@ def run_protocol(
     unmask = time.perf_counter() - t0
     hood = len(config.graph[0])
     return {
-        "arithmetic": arithmetic,
         "m": m,
         "n": n,
         "bits": bits,
@@ -114,6 +122,7 @@ def run_protocol(
         "server_unmask_s": unmask,
         "server_unmask_masks": len(survivors.survivors) + dropouts * hood,
         "setup_s": setup,
+        "key_round_s": key_round,
     }
 
 
@@ -130,10 +139,7 @@ def _stream_child(role: str, n: int, bits: int, m: int = 8) -> None:
     t = time.perf_counter()
     if role == "client":
         config, server, clients = make_session(m, n, lane_bits=bits, chunk_elems=CHUNK)
-        agree_keys(server, clients)
-        server.begin_round(0)
-        for c in clients.values():
-            server.receive_shares(c.share_keys(0))
+        open_round(server, clients)
         clients[0].receive_shares(server.share_bundles()[0])
         values = np.ones(CHUNK, dtype=np.uint8)
         sent = 0
@@ -179,32 +185,32 @@ def main() -> int:
         f"single-core limit: AES-CTR keystream {rates[0] / 1e9:.2f} GB/s, numpy add {rates[1] / 1e9:.2f} GB/s"
     )
     rows = []
-    for arithmetic, bits in (("words", 4), ("words", 8), ("lanes", 4)):
+    for bits in (4, 8):
         for dropouts in (0, 1):
-            r = run_protocol(8, n, bits, None, dropouts, arithmetic)
+            r = run_protocol(8, n, bits, None, dropouts)
             r["client_limit_s"] = limit_seconds(r["client_masks"], n, bits, rates)
             r["server_limit_s"] = limit_seconds(r["server_unmask_masks"], n, bits, rates)
             rows.append(r)
     print(
-        "\n| m | graph | arithmetic | b | N | dropouts | client mask s | ×limit | server sum s | server unmask s | ×limit |"
+        "\n| m | graph | b | N | dropouts | client mask s | ×limit | server sum s | server unmask s | ×limit |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['m']} | complete | {r['arithmetic']} | {r['bits']} | {r['n']:.0e} | {r['dropouts']} | {r['client_mask_s']:.2f} | "
+            f"| {r['m']} | complete | {r['bits']} | {r['n']:.0e} | {r['dropouts']} | {r['client_mask_s']:.2f} | "
             f"{r['client_mask_s'] / r['client_limit_s']:.2f} | {r['server_sum_s']:.2f} | {r['server_unmask_s']:.2f} | "
             f"{r['server_unmask_s'] / r['server_limit_s']:.2f} |"
         )
     n64 = 10**5 if args.quick else 10**6
     graph_rows = [run_protocol(64, n64, 8, k, 1) for k in (12, None)]
     print(
-        "\n| m | graph | neighbours | N | share keys s/client | client mask s | server unmask s (1 dropout) |"
+        "\n| m | graph | neighbours | N | key round s (all clients) | share keys s/client | client mask s | server unmask s (1 dropout) |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for r in graph_rows:
         name = "SecAgg+ (k≈2·log2 m)" if r["neighbours"] < 63 else "complete"
         print(
-            f"| 64 | {name} | {r['neighbours']} | {r['n']:.0e} | {r['client_share_keys_s']:.3f} | "
+            f"| 64 | {name} | {r['neighbours']} | {r['n']:.0e} | {r['key_round_s']:.3f} | {r['client_share_keys_s']:.3f} | "
             f"{r['client_mask_s']:.3f} | {r['server_unmask_s']:.3f} |"
         )
     rss = []

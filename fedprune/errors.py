@@ -15,3 +15,7 @@ class ModelError(FedPruneError):
 
 class DataError(FedPruneError):
     """A calibration or evaluation source is missing, empty or too short."""
+
+
+class VoteCountError(FedPruneError):
+    """Aggregated vote counts that honest local Wanda masks cannot produce (a cheating client)."""

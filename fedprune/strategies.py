@@ -101,11 +101,16 @@ class ClientPruner:
 
 
 def local_pruning_masks(
-    model: nn.Module, windows: torch.Tensor, config: PruneConfig, *, progress: bool = False
+    model: nn.Module,
+    windows: torch.Tensor,
+    config: PruneConfig,
+    *,
+    progress: bool = False,
+    on_block: Callable[[int], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """A one-shot client's masks: Wanda block by block through its own pruned blocks.
 
-    The model's weights are left unchanged.
+    The model's weights are left unchanged. ``on_block(done)`` is called after each block.
     """
     pruner = ClientPruner(model, windows, config)
     masks: dict[str, torch.Tensor] = {}
@@ -113,6 +118,8 @@ def local_pruning_masks(
         block_masks = pruner.local_masks(i)
         pruner.advance(i, block_masks)
         masks.update(block_masks)
+        if on_block is not None:
+            on_block(i + 1)
     return masks
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .config import PruneConfig
-from .errors import PruningConfigError
+from .errors import PruningConfigError, VoteCountError
 
 
 class InputNormStats:
@@ -65,3 +65,35 @@ def smallest_per_row(scores: torch.Tensor, k: int) -> torch.Tensor:
     tied = scores == threshold
     room = k - below.sum(dim=1, keepdim=True)
     return below | (tied & (tied.cumsum(dim=1) <= room))
+
+
+def check_vote_counts(counts: torch.Tensor, config: PruneConfig, contributors: int, name: str = "") -> None:
+    """Raise :class:`VoteCountError` unless ``counts`` could be a sum of honest local masks.
+
+    Every honest mask from :func:`local_mask` prunes exactly ``int(cols * sparsity)`` weights
+    of each row (N:M: exactly n of each group of m), so over ``contributors`` masks each
+    count lies in [0, contributors] and each row (group) sums to exactly contributors times
+    that number. Secure aggregation hides each input, so this is the only place where a
+    client that votes more than once, votes negatively or skips votes can be caught.
+    """
+    where = f" in {name}" if name else ""
+    if counts.numel() and (int(counts.min()) < 0 or int(counts.max()) > contributors):
+        raise VoteCountError(
+            f"vote counts{where} range over [{int(counts.min())}, {int(counts.max())}], "
+            f"outside [0, {contributors}] for {contributors} contributors"
+        )
+    rows, cols = counts.shape
+    if config.nm is not None:
+        n, m = config.nm
+        totals, per = counts.reshape(rows, cols // m, m).sum(dim=-1, dtype=torch.int64), n
+        unit = f"group of {m}"
+    else:
+        totals, per = counts.sum(dim=1, dtype=torch.int64), int(cols * config.sparsity)
+        unit = "row"
+    bad = totals != contributors * per
+    if bool(bad.any()):
+        first = int(bad.flatten().nonzero()[0])
+        raise VoteCountError(
+            f"a {unit}{where} holds {int(totals.flatten()[first])} votes; {contributors} honest "
+            f"masks give exactly {contributors * per}"
+        )

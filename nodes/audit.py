@@ -157,6 +157,12 @@ def audit(directory: str | Path) -> tuple[str, bool]:
             "decoded by the server: only the aggregate vote counts of each round "
             f"({', '.join(meta.get('decoded', [])) or 'none recorded'})"
         )
+        for rnd, dropped in sorted(meta.get("dropped", {}).items(), key=lambda kv: int(kv[0])):
+            for client in dropped:
+                lines.append(
+                    f"dropout: {client} left round {rnd} after sharing its keys; the server rebuilt "
+                    f"its round-{rnd} mask key, which no other round uses (keys are fresh every round)"
+                )
     lines.append("")
     lines.append("verdict: " + ("PASS" if verdict_ok else "FAIL"))
     return "\n".join(lines), verdict_ok

@@ -208,7 +208,6 @@ def _add_nodes(sub) -> None:
         ("seed", int),
         ("expected-clients", int),
         ("min-clients", int),
-        ("threshold", int),
         ("neighbours", int),
         ("chunk-elems", int),
         ("tls-cert", str),
@@ -224,6 +223,22 @@ def _add_nodes(sub) -> None:
         ("eval-seqlen", int),
     ]:
         p.add_argument(f"--{name}", type=kind, default=None)
+    p.add_argument(
+        "--threshold",
+        type=int,
+        default=None,
+        help="secure mode: shares needed to unmask, t, over each sharing group of g clients (the "
+        "neighbours and the client itself). Must exceed g/2. Default: from --threat-model",
+    )
+    p.add_argument(
+        "--threat-model",
+        default=None,
+        choices=["honest-but-curious", "malicious"],
+        help="honest-but-curious (default): t = floor(g/2)+1, tolerates g - t dropouts per group "
+        "(4 clients: t=3, 1 dropout; 8: t=5, 3; 16: t=9, 7). malicious: t = floor(2g/3)+1 "
+        "(Bonawitz et al.) against a server that lies about dropouts and survivor lists "
+        "(4 clients: t=3, 1 dropout; 8: t=6, 2; 16: t=11, 5)",
+    )
     p.add_argument("--eval", default=None, help="comma-separated eval sources for perplexity")
     p.add_argument("--insecure", action="store_true", default=None, help="no TLS (loopback only)")
     p.add_argument("--no-save-model", action="store_true")
@@ -334,7 +349,7 @@ def _cmd_client(args) -> int:
         save_model=args.save_model,
         connect_timeout_s=args.connect_timeout_s,
     )
-    run_client(cfg, log=_log)
+    run_client(cfg, log=_log, hooks=args.client_hooks)
     return 0
 
 
@@ -391,9 +406,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, client_hooks=None) -> int:
+    """The command line. ``client_hooks`` is the tests' fault-injection seam (nodes.client.ClientHooks)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.client_hooks = client_hooks
     try:
         return args.func(args)
     except (

@@ -12,6 +12,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,8 +25,8 @@ from fedprune.data import load_text, sample_windows, tokenize
 from fedprune.models import fingerprint, layout, load_model, prunable_weights
 from fedprune.strategies import ClientPruner, local_pruning_masks
 from secagg import ClientSession, SessionConfig
+from secagg.errors import SecAggError
 from secagg.keys import sign
-from secagg.messages import KeyDirectory
 
 from .files import atomic_write_dir
 from .identity import load_identity
@@ -77,7 +78,7 @@ def _channel(cfg: ClientConfig) -> grpc.Channel:
     return grpc.secure_channel(cfg.server, creds, options=options)
 
 
-def run_client(cfg: ClientConfig, log=print) -> dict:
+def run_client(cfg: ClientConfig, log=print, hooks: ClientHooks | None = None) -> dict:
     identity = load_identity(cfg.identity)
     lm = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     lay = layout(lm.model)
@@ -118,7 +119,7 @@ def run_client(cfg: ClientConfig, log=print) -> dict:
         )
     )
     try:
-        return _session(cfg, lm, lay, fp, windows, identity, inbox, outgoing, log)
+        return _session(cfg, lm, lay, fp, windows, identity, inbox, outgoing, log, hooks or ClientHooks())
     finally:
         outgoing.put(_EOF)
         channel.close()
@@ -138,39 +139,76 @@ def _next(inbox: queue.Queue, deadline_s: float):
     return item
 
 
-def _session(cfg, lm, lay, fp, windows, identity, inbox, outgoing, log) -> dict:
-    fault = os.environ.get("FEDPRUNE_FAULT", "")  # test instrumentation for fault injection
-    deadline = cfg.connect_timeout_s + 600
-    welcome = None
-    sa: ClientSession | None = None
-    prune_cfg = pruner = vector = None
-    final = np.zeros(lay.total, dtype=bool)
-    received: dict[int, list[bytes]] = {}
-    rnd_range: dict[int, tuple[int, int]] = {}
-    send = lambda **body: outgoing.put(pb.ClientMessage(**body))  # noqa: E731
-    while True:
-        msg = _next(inbox, deadline)
+class ClientHooks:
+    """The seam through which tests inject faults; the shipped client uses these no-ops.
+
+    A test passes a subclass to :func:`run_client` (see tests/fault_client.py); nothing
+    in a shipped process reads a fault from its environment.
+    """
+
+    def round_vector(self, rnd: int, vector: np.ndarray) -> np.ndarray:
+        """The votes this client is about to send in round ``rnd``."""
+        return vector
+
+    def after_shares(self, rnd: int) -> None:
+        """Called after this client sent its encrypted key shares for round ``rnd``."""
+
+    def before_input(self, rnd: int) -> None:
+        """Called after the share bundle arrived, before any masked chunk is sent."""
+
+    def chunks(self, rnd: int, chunks: Iterator[pb.VectorChunk]) -> Iterator[pb.VectorChunk]:
+        """The chunks about to be sent (a test may add, drop or alter some)."""
+        return chunks
+
+    def after_input(self, rnd: int) -> None:
+        """Called after this client's whole input for round ``rnd`` was queued."""
+
+
+class _Session:
+    """One client's side of the federation: one handler per server message kind."""
+
+    def __init__(self, cfg, lm, lay, fp, windows, identity, outgoing, log, hooks: ClientHooks) -> None:
+        self.cfg, self.lm, self.lay, self.fp, self.windows = cfg, lm, lay, fp, windows
+        self.identity, self.outgoing, self.log, self.hooks = identity, outgoing, log, hooks
+        self.welcome = None
+        self.sa: ClientSession | None = None
+        self.pruner: ClientPruner | None = None
+        self.vector: np.ndarray | None = None  # one-shot: every layer; iterative: this block
+        self.pending: np.ndarray | None = None  # this round's votes, waiting for the share bundle
+        self.final = np.zeros(lay.total, dtype=bool)
+        self.received: dict[int, list[bytes]] = {}
+        self.ranges: dict[int, tuple[int, int]] = {}
+        self.result: dict | None = None
+
+    def send(self, **body) -> None:
+        self.outgoing.put(pb.ClientMessage(**body))
+
+    def handle(self, msg) -> dict | None:
         kind = msg.WhichOneof("body")
-        if kind == "welcome":
-            welcome = msg.welcome
-            deadline = welcome.deadline_s + 60
-            if welcome.fingerprint != fp:
-                raise ClientFailed("the server's model fingerprint differs from ours; refusing to continue")
-            manifest = [(s.name, (s.rows, s.cols), s.offset) for s in welcome.manifest]
-            if manifest != [(s.name, s.shape, s.offset) for s in lay.slots]:
-                raise ClientFailed("the server's layout manifest differs from our model's layout")
-            if welcome.weight_scaling:
-                raise ClientFailed("weight scaling cannot be applied from a broadcast mask")
-            prune_cfg = PruneConfig(
-                sparsity=welcome.sparsity,
-                comparison_group=welcome.comparison_group,
-                tie_break=welcome.tie_break,
-                nm=(welcome.nm_n, welcome.nm_m) if welcome.nm_m else None,
-                seed=welcome.seed,
-                batch_size=cfg.batch_size,
-            )
-            if welcome.mode == "secure":
-                roster = {e.index: e.identity_public for e in welcome.roster}
+        getattr(self, f"on_{kind}")(getattr(msg, kind))
+        return self.result
+
+    def on_welcome(self, welcome) -> None:
+        cfg, lay = self.cfg, self.lay
+        self.welcome = welcome
+        if welcome.fingerprint != self.fp:
+            raise ClientFailed("the server's model fingerprint differs from ours; refusing to continue")
+        manifest = [(s.name, (s.rows, s.cols), s.offset) for s in welcome.manifest]
+        if manifest != [(s.name, s.shape, s.offset) for s in lay.slots]:
+            raise ClientFailed("the server's layout manifest differs from our model's layout")
+        if welcome.weight_scaling:
+            raise ClientFailed("weight scaling cannot be applied from a broadcast mask")
+        prune_cfg = PruneConfig(
+            sparsity=welcome.sparsity,
+            comparison_group=welcome.comparison_group,
+            tie_break=welcome.tie_break,
+            nm=(welcome.nm_n, welcome.nm_m) if welcome.nm_m else None,
+            seed=welcome.seed,
+            batch_size=cfg.batch_size,
+        )
+        if welcome.mode == "secure":
+            roster = {e.index: e.identity_public for e in welcome.roster}
+            try:  # the client enforces t > g/2 itself: a server cannot lower it
                 sa_cfg = SessionConfig(
                     session_id=welcome.session_id,
                     clients=tuple(sorted(roster)),
@@ -180,92 +218,130 @@ def _session(cfg, lm, lay, fp, windows, identity, inbox, outgoing, log) -> dict:
                     chunk_elems=welcome.chunk_elems,
                     neighbours=welcome.neighbours or None,
                 )
-                sa = ClientSession(sa_cfg, welcome.index, identity, roster)
-                send(key_advert=convert.advert_to_pb(sa.advertise()))
-            log(f"{cfg.client_id}: joined as #{welcome.index} ({welcome.mode}, {welcome.strategy})")
-            t0 = time.perf_counter()
-            if welcome.strategy == "one-shot":
-                masks = local_pruning_masks(lm.model, windows, prune_cfg)
-                vector = np.concatenate([masks[s.name].flatten().numpy() for s in lay.slots]).astype(np.uint8)
-            else:
-                pruner = ClientPruner(lm.model, windows, prune_cfg)
-            log(f"{cfg.client_id}: local masks ready in {time.perf_counter() - t0:.1f} s")
-        elif kind == "key_directory":
-            adverts = tuple(convert.advert_from_pb(a, welcome.session_id) for a in msg.key_directory.adverts)
-            sa.receive_keys(KeyDirectory(welcome.session_id, adverts))
-        elif kind == "round_start":
-            rs = msg.round_start
-            rnd_range[rs.round] = (rs.offset, rs.length)
-            if welcome.strategy == "iterative":
-                block = next(s.block for s in lay.slots if s.offset == rs.offset)
-                masks = pruner.local_masks(block)
-                vector = np.concatenate(
-                    [masks[s.name].flatten().numpy() for s in lay.block_slots(block)]
-                ).astype(np.uint8)
-            round_vector = (
-                vector if welcome.strategy == "iterative" else vector[rs.offset : rs.offset + rs.length]
+            except SecAggError as exc:
+                raise ClientFailed(f"refusing the server's secure-aggregation settings: {exc}") from exc
+            self.sa = ClientSession(sa_cfg, welcome.index, self.identity, roster)
+        self.log(f"{cfg.client_id}: joined as #{welcome.index} ({welcome.mode}, {welcome.strategy})")
+        t0 = time.perf_counter()
+        progress = self._progress("local Wanda masks", lay.num_blocks)
+        if welcome.strategy == "one-shot":
+            masks = local_pruning_masks(self.lm.model, self.windows, prune_cfg, on_block=progress)
+            self.vector = np.concatenate([masks[s.name].flatten().cpu().numpy() for s in lay.slots]).astype(
+                np.uint8
             )
-            if sa is not None:
-                send(encrypted_shares=convert.shares_to_pb(sa.share_keys(rs.round, rs.length)))
-                pending = round_vector
-            else:
-                _send_plain(send, rs.round, round_vector, welcome.chunk_elems, fault)
-        elif kind == "share_bundle":
-            sa.receive_shares(convert.bundle_from_pb(msg.share_bundle, welcome.session_id, welcome.index))
-            if fault == "exit-before-input":
-                os._exit(3)
-            if fault == "stall-before-input":
-                time.sleep(3600)  # hold the round open (the test kills us)
-            if fault == "bad-chunk":
-                send(chunk=pb.VectorChunk(round=sa.round, offset=3, data=b"\x00"))
-            for chunk in sa.masked_chunks(pending):
-                send(chunk=pb.VectorChunk(round=chunk.round, offset=chunk.offset, data=chunk.data))
-                if fault == "bad-chunk":
-                    send(chunk=pb.VectorChunk(round=chunk.round, offset=chunk.offset, data=chunk.data))
-                    fault = ""
-            send(round_done=pb.RoundDone(round=sa.round))
-            if fault == "exit-after-input":
-                time.sleep(1.0)  # let the stream flush, then vanish
-                os._exit(3)
-        elif kind == "survivor_list":
-            sig = sa.sign_survivors(convert.survivors_from_pb(msg.survivor_list, welcome.session_id))
-            send(survivor_signature=pb.SurvivorSignature(round=sig.round, signature=sig.signature))
-        elif kind == "unmask_request":
-            shares = sa.unmask(convert.request_from_pb(msg.unmask_request, welcome.session_id))
-            send(unmask_shares=convert.unmask_to_pb(shares))
-        elif kind == "final_mask":
-            fm = msg.final_mask
-            received.setdefault(fm.round, []).append(fm.data)
-            if fm.last:
-                offset, length = rnd_range[fm.round]
-                bits = np.unpackbits(
-                    np.frombuffer(b"".join(received.pop(fm.round)), dtype=np.uint8), bitorder="little"
-                )[:length].astype(bool)
-                final[offset : offset + length] = bits
-                _apply(lm.model, lay, final, offset, length)
-                if pruner is not None:
-                    block = next(s.block for s in lay.slots if s.offset == offset)
-                    pruner.advance(block)
-        elif kind == "finished":
-            digest = hashlib.sha256(np.packbits(final, bitorder="little").tobytes()).hexdigest()
-            if cfg.save_model:
+            self.log(f"{cfg.client_id}: local masks ready in {time.perf_counter() - t0:.1f} s")
+        else:
+            self.pruner = ClientPruner(self.lm.model, self.windows, prune_cfg)
+            self.log(f"{cfg.client_id}: calibration inputs ready in {time.perf_counter() - t0:.1f} s")
 
-                def fill(tmp: Path) -> None:
-                    lm.model.save_pretrained(tmp, safe_serialization=True)
-                    lm.tokenizer.save_pretrained(tmp)
+    def _progress(self, what: str, total: int):
+        name = self.cfg.client_id
 
-                atomic_write_dir(cfg.save_model, fill)
-            log(f"{cfg.client_id}: finished; final mask sha256 {digest[:16]}…, sparsity {final.mean():.3f}")
-            return {"final_mask_sha256": digest, "sparsity": float(final.mean())}
-        elif kind == "abort":
-            raise ClientFailed(f"the server aborted the federation: {msg.abort.reason}")
+        def report(done: int) -> None:
+            self.log(f"{name}: {what}: block {done}/{total}")
+
+        return report
+
+    def on_round_start(self, rs) -> None:
+        self.ranges[rs.round] = (rs.offset, rs.length)
+        if self.sa is not None:  # fresh keys first, so the key round overlaps our local work
+            self.send(key_advert=convert.advert_to_pb(self.sa.advertise(rs.round, rs.length)))
+        if self.welcome.strategy == "iterative":
+            block = next(s.block for s in self.lay.slots if s.offset == rs.offset)
+            masks = self.pruner.local_masks(block)
+            vector = np.concatenate(
+                [masks[s.name].flatten().cpu().numpy() for s in self.lay.block_slots(block)]
+            ).astype(np.uint8)
+            self.log(f"{self.cfg.client_id}: block {block + 1}/{self.lay.num_blocks} masks ready")
+        else:
+            vector = self.vector[rs.offset : rs.offset + rs.length]
+        vector = self.hooks.round_vector(rs.round, vector)
+        if self.sa is None:
+            self._send_input(rs.round, _plain_chunks(rs.round, vector, self.welcome.chunk_elems))
+        else:
+            self.pending = vector
+
+    def on_key_directory(self, directory) -> None:
+        self.sa.receive_keys(convert.directory_from_pb(directory, self.welcome.session_id))
+        self.send(encrypted_shares=convert.shares_to_pb(self.sa.share_keys()))
+        self.hooks.after_shares(self.sa.round)
+
+    def on_share_bundle(self, bundle) -> None:
+        sa = self.sa
+        sa.receive_shares(convert.bundle_from_pb(bundle, self.welcome.session_id, self.welcome.index))
+        self.hooks.before_input(sa.round)
+        chunks = (
+            pb.VectorChunk(round=c.round, offset=c.offset, data=c.data)
+            for c in sa.masked_chunks(self.pending)
+        )
+        self._send_input(sa.round, chunks)
+        self.pending = None
+
+    def _send_input(self, rnd: int, chunks) -> None:
+        for chunk in self.hooks.chunks(rnd, chunks):
+            self.send(chunk=chunk)
+        self.send(round_done=pb.RoundDone(round=rnd))
+        self.hooks.after_input(rnd)
+
+    def on_survivor_list(self, survivors) -> None:
+        sig = self.sa.sign_survivors(convert.survivors_from_pb(survivors, self.welcome.session_id))
+        self.send(survivor_signature=pb.SurvivorSignature(round=sig.round, signature=sig.signature))
+
+    def on_unmask_request(self, request) -> None:
+        shares = self.sa.unmask(convert.request_from_pb(request, self.welcome.session_id))
+        self.send(unmask_shares=convert.unmask_to_pb(shares))
+
+    def on_final_mask(self, fm) -> None:
+        self.received.setdefault(fm.round, []).append(fm.data)
+        if not fm.last:
+            return
+        offset, length = self.ranges[fm.round]
+        bits = np.unpackbits(
+            np.frombuffer(b"".join(self.received.pop(fm.round)), dtype=np.uint8), bitorder="little"
+        )[:length].astype(bool)
+        self.final[offset : offset + length] = bits
+        _apply(self.lm.model, self.lay, self.final, offset, length)
+        if self.pruner is not None:
+            block = next(s.block for s in self.lay.slots if s.offset == offset)
+            self.pruner.advance(block)
+
+    def on_finished(self, _finished) -> None:
+        cfg, lm, final = self.cfg, self.lm, self.final
+        digest = hashlib.sha256(np.packbits(final, bitorder="little").tobytes()).hexdigest()
+        if cfg.save_model:
+
+            def fill(tmp: Path) -> None:
+                lm.model.save_pretrained(tmp, safe_serialization=True)
+                lm.tokenizer.save_pretrained(tmp)
+
+            atomic_write_dir(cfg.save_model, fill)
+        self.log(f"{cfg.client_id}: finished; final mask sha256 {digest[:16]}…, sparsity {final.mean():.3f}")
+        self.result = {"final_mask_sha256": digest, "sparsity": float(final.mean())}
+
+    def on_abort(self, abort) -> None:
+        raise ClientFailed(f"the server aborted the federation: {abort.reason}")
 
 
-def _send_plain(send, rnd: int, vector: np.ndarray, chunk: int, fault: str) -> None:
+def _session(cfg, lm, lay, fp, windows, identity, inbox, outgoing, log, hooks) -> dict:
+    session = _Session(cfg, lm, lay, fp, windows, identity, outgoing, log, hooks)
+    deadline = cfg.connect_timeout_s + 600
+    while True:
+        msg = _next(inbox, deadline)
+        try:
+            result = session.handle(msg)
+        except SecAggError as exc:
+            raise ClientFailed(f"refusing to continue: {exc}") from exc
+        if session.welcome is not None:
+            deadline = session.welcome.deadline_s + 60
+        if result is not None:
+            return result
+
+
+def _plain_chunks(rnd: int, vector: np.ndarray, chunk: int) -> Iterator[pb.VectorChunk]:
+    """The plain upload: the mask bit-packed, chunk by chunk."""
     for start in range(0, len(vector), chunk):
         data = np.packbits(vector[start : start + chunk], bitorder="little").tobytes()
-        send(chunk=pb.VectorChunk(round=rnd, offset=start, data=data))
-    send(round_done=pb.RoundDone(round=rnd))
+        yield pb.VectorChunk(round=rnd, offset=start, data=data)
 
 
 def _apply(model, lay, final: np.ndarray, offset: int, length: int) -> None:

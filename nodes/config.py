@@ -41,7 +41,8 @@ class ServerConfig:
     mode: str = "secure"
     expected_clients: int = 2
     min_clients: int = 2
-    threshold: int = 0  # 0: a majority of each neighbourhood
+    threshold: int = 0  # 0: from threat_model, over each sharing group (neighbours + the client)
+    threat_model: str = "honest-but-curious"  # t > g/2; "malicious": t > 2g/3
     neighbours: int = 0  # 0: complete graph
     chunk_elems: int = 1 << 20
     roster: dict[str, str] = field(default_factory=dict)  # client id -> Ed25519 public key (hex)
@@ -67,6 +68,12 @@ class ServerConfig:
             raise NodeConfigError("TLS needs tls_cert, tls_key and client_ca (or --insecure on loopback)")
         if self.mode not in ("plain", "secure"):
             raise NodeConfigError(f"mode must be plain or secure, got {self.mode!r}")
+        if self.threat_model not in ("honest-but-curious", "malicious"):
+            raise NodeConfigError(
+                f"threat_model must be honest-but-curious or malicious, got {self.threat_model!r}"
+            )
+        if self.threshold < 0 or self.neighbours < 0:
+            raise NodeConfigError("threshold and neighbours must be non-negative")
         if self.strategy not in ("one-shot", "iterative"):
             raise NodeConfigError(f"strategy must be one-shot or iterative, got {self.strategy!r}")
         if not 1 <= self.min_clients <= self.expected_clients:

@@ -47,7 +47,7 @@ def start_federation(
     eval_windows: int,
     echo: bool = True,
     extra_server: list[str] | None = None,
-    client_env: dict[str, dict] | None = None,
+    client_launcher: dict[str, list[str]] | None = None,
     data: dict[str, Path] | None = None,
     round_deadline_s: float = 600.0,
     roster_clients: list[str] | None = None,
@@ -57,6 +57,8 @@ def start_federation(
     """Start a server and its clients; return (server, {client: process}, port, logs).
 
     ``logs`` maps each process name to {"lines": [...]} of its stderr (and the server's "port").
+    ``client_launcher[c]`` replaces the command that starts client c (``python -m nodes.cli``);
+    the tests start faulty clients this way (tests/fault_client.py).
     """
     keys, certs = workdir / "keys", workdir / "certs"
     roster = {c: (keys / f"{c}.pub").read_text().strip() for c in (roster_clients or clients)}
@@ -105,9 +107,8 @@ def start_federation(
     procs: dict = {}
     logs: dict = {}
     for c in clients:
-        env = dict(__import__("os").environ, **(client_env or {}).get(c, {}))
         procs[c] = subprocess.Popen(
-            cli
+            (client_launcher or {}).get(c, cli)
             + [
                 "client",
                 "--server",
@@ -135,7 +136,6 @@ def start_federation(
             stderr=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             text=True,
-            env=env,
         )
         logs[c] = {}
         threading.Thread(target=_pump, args=(procs[c], c, logs[c], echo), daemon=True).start()

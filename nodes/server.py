@@ -25,9 +25,11 @@ import numpy as np
 import torch
 
 from fedprune.config import PruneConfig, parse_nm
+from fedprune.errors import VoteCountError
 from fedprune.models import fingerprint, layout, load_model
 from fedprune.strategies import apply_vote_counts, layer_salts
-from secagg import ServerSession, SessionConfig, lane_bits_for
+from fedprune.wanda import check_vote_counts
+from secagg import ServerSession, SessionConfig, default_threshold, lane_bits_for
 from secagg.errors import SecAggError
 from secagg.keys import verify as verify_signature
 from secagg.messages import ConsistencySignature, MaskedChunk
@@ -159,7 +161,7 @@ class FederationServer(pb_grpc.FederationServicer):
             for msg in request_iterator:
                 kind = msg.WhichOneof("body")
                 payload = msg.SerializeToString()
-                rnd = getattr(getattr(msg, kind), "round", None) if kind != "key_advert" else None
+                rnd = getattr(getattr(msg, kind), "round", None)
                 self.transcript.record(link.id, rnd, kind, payload)
                 link.bytes_received += len(payload)
                 self.events.put((link.id, msg))
@@ -226,8 +228,13 @@ class FederationServer(pb_grpc.FederationServicer):
         self.index = {cid: i for i, cid in enumerate(members)}
         self.timings["join"] = time.perf_counter() - t0
         n = len(members)
-        hood = n - 1 if not cfg.neighbours or cfg.neighbours >= n - 1 else cfg.neighbours
-        self.threshold = cfg.threshold or hood // 2 + 1
+        group = (n - 1 if not cfg.neighbours or cfg.neighbours >= n - 1 else cfg.neighbours) + 1
+        self.threshold = cfg.threshold or default_threshold(group, cfg.threat_model)
+        if cfg.mode == "secure" and not group // 2 < self.threshold <= group:
+            raise FederationAborted(
+                f"threshold {self.threshold} must be more than half of each sharing group of {group} "
+                f"and at most {group}"
+            )
         self.lane_bits = lane_bits_for(n)
         self.transcript.write_meta(
             "session.json",
@@ -237,6 +244,7 @@ class FederationServer(pb_grpc.FederationServicer):
                 "members": members,
                 "lane_bits": self.lane_bits,
                 "threshold": self.threshold,
+                "threat_model": cfg.threat_model,
                 "session_id": self.session_id.hex(),
                 "fingerprint": self.fingerprint.hex(),
                 "decoded": [],
@@ -253,16 +261,25 @@ class FederationServer(pb_grpc.FederationServicer):
             t1 = time.perf_counter()
             for cid in self._alive():
                 self.links[cid].send(round_start=pb.RoundStart(round=rnd, offset=offset, length=length))
+            self._round_extra = {}
             counts, contributors = (self._secure_round if cfg.mode == "secure" else self._plain_round)(
                 rnd, length
             )
             t2 = time.perf_counter()
+            self.log(f"round {rnd}: selection over {len(contributors)} contributors")
             layer_counts = {}
             for slot in slots:
                 start = slot.offset - offset
                 layer_counts[slot.name] = torch.from_numpy(
                     counts[start : start + slot.numel].astype(np.int16)
                 ).reshape(slot.shape)
+            try:
+                for name, votes in layer_counts.items():
+                    check_vote_counts(votes, self.prune_cfg, len(contributors), name)
+            except VoteCountError as exc:
+                raise FederationAborted(
+                    f"round {rnd} aborted: {exc}; a client sent votes no honest client can send"
+                ) from exc
             masks = apply_vote_counts(self.lm.model, layer_counts, self.prune_cfg, len(contributors), salts)
             for slot in slots:
                 final[slot.offset : slot.offset + slot.numel] = masks[slot.name].flatten().cpu().numpy()
@@ -275,9 +292,12 @@ class FederationServer(pb_grpc.FederationServicer):
                     "contributors": [self.members[i] for i in contributors],
                     "aggregate_s": t2 - t1,
                     "selection_s": time.perf_counter() - t2,
+                    **self._round_extra,
                 }
             )
+            self.log(f"round {rnd + 1}/{len(ranges)} done")
         self.timings["federation"] = time.perf_counter() - t0
+        self.timings["key_agreement"] = sum(r.get("keys_s", 0.0) for r in self.rounds)
         report = self._report(final, eval_before)
         self._write_outputs(final, report)
         for cid in self._alive():
@@ -363,41 +383,39 @@ class FederationServer(pb_grpc.FederationServicer):
 
     # ---- secure mode ---------------------------------------------------------------
     def _secure_setup(self) -> None:
-        cfg = self.cfg
-        t0 = time.perf_counter()
+        """The session: roster, graph and threshold. Keys are fresh in every round."""
         self.sa_config = SessionConfig(
             session_id=self.session_id,
             clients=tuple(range(len(self.members))),
             threshold=self.threshold,
             vector_length=self.layout.total,
             lane_bits=self.lane_bits,
-            chunk_elems=cfg.chunk_elems,
-            neighbours=cfg.neighbours or None,
+            chunk_elems=self.cfg.chunk_elems,
+            neighbours=self.cfg.neighbours or None,
         )
         roster = {self.index[c]: self.roster[c] for c in self.members}
         self.sa = ServerSession(self.sa_config, roster, buffer_factory=self._sum_buffer)
 
-        def on_advert(cid, msg):
-            if msg.WhichOneof("body") != "key_advert" or msg.key_advert.sender != self.index[cid]:
-                raise SecAggError("expected this client's key advertisement")
-            self.sa.receive_advertisement(convert.advert_from_pb(msg.key_advert, self.session_id))
-            return True
-
-        self._collect(set(self.members), on_advert, "key advertisements")
-        try:
-            directory = self.sa.key_directory()
-        except SecAggError as exc:
-            raise FederationAborted(str(exc)) from exc
-        body = pb.KeyDirectory(adverts=[convert.advert_to_pb(a) for a in directory.adverts])
-        for cid in self._alive():
-            self.links[cid].send(key_directory=body)
-        self.timings["key_agreement"] = time.perf_counter() - t0
-
     def _secure_round(self, rnd: int, length: int):
+        """One SecAgg round: (keys, share_keys, collect_masked_vectors, consistency, unmask)."""
         sa, sid = self.sa, self.session_id
-        members = {c for c in self._alive() if self.index[c] in sa.eligible}
+        inverse = {i: c for c, i in self.index.items()}
+        times = {}
         try:
+            t0 = time.perf_counter()
             sa.begin_round(rnd, vector_length=length)
+
+            def on_advert(cid, msg):
+                if msg.WhichOneof("body") != "key_advert" or msg.key_advert.sender != self.index[cid]:
+                    raise SecAggError("expected this client's key advertisement")
+                sa.receive_advertisement(convert.advert_from_pb(msg.key_advert, sid))
+                return True
+
+            advertised = self._collect(set(self._alive()), on_advert, f"round {rnd} keys")
+            directory = convert.directory_to_pb(sa.key_directory())
+            for cid in advertised:
+                self.links[cid].send(key_directory=directory)
+            times["keys_s"] = time.perf_counter() - t0
 
             def on_shares(cid, msg):
                 if msg.WhichOneof("body") != "encrypted_shares":
@@ -405,11 +423,11 @@ class FederationServer(pb_grpc.FederationServicer):
                 sa.receive_shares(convert.shares_from_pb(msg.encrypted_shares, sid, self.index[cid]))
                 return True
 
-            self._collect(members, on_shares, f"round {rnd} key shares")
+            self._collect(advertised, on_shares, f"round {rnd} key shares")
             bundles = sa.share_bundles()
-            inverse = {i: c for c, i in self.index.items()}
             for i, bundle in bundles.items():
                 self.links[inverse[i]].send(share_bundle=convert.bundle_to_pb(bundle))
+            self.log(f"round {rnd}: {len(bundles)} clients shared keys; collecting masked input")
 
             def on_input(cid, msg):
                 kind = msg.WhichOneof("body")
@@ -423,6 +441,7 @@ class FederationServer(pb_grpc.FederationServicer):
 
             self._collect({inverse[i] for i in bundles}, on_input, f"round {rnd} masked input")
             survivors = sa.survivor_list()
+            self.log(f"round {rnd}: inputs from {len(survivors.survivors)}/{len(bundles)}; consistency check")
             for i in survivors.survivors:
                 self.links[inverse[i]].send(survivor_list=convert.survivors_to_pb(survivors))
 
@@ -447,13 +466,20 @@ class FederationServer(pb_grpc.FederationServicer):
                 return True
 
             self._collect(set(signers), on_unmask, f"round {rnd} unmasking shares")
+            self.log(f"round {rnd}: unmasking")
             counts = sa.finish()
         except SecAggError as exc:
             raise FederationAborted(f"round {rnd} aborted: {exc}") from exc
+        dropped = [self.members[i] for i in sa.dropped]
         meta_path = Path(self.cfg.audit_dir) / "session.json"
         meta = json.loads(meta_path.read_text())
-        meta["decoded"].append(f"round {rnd}: {length} vote counts over clients {list(survivors.survivors)}")
+        meta["decoded"].append(
+            f"round {rnd}: {length} vote counts over clients {[self.members[i] for i in survivors.survivors]}"
+            + (f"; mask keys of this round reconstructed for dropped clients {dropped}" if dropped else "")
+        )
+        meta.setdefault("dropped", {})[str(rnd)] = dropped
         self.transcript.write_meta("session.json", meta)
+        self._round_extra = {**times, "dropped": dropped}
         return counts, list(survivors.survivors)
 
     def _sum_buffer(self, nbytes: int) -> np.ndarray:

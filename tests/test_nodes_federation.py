@@ -5,8 +5,10 @@ Each test starts a real server and real client processes (python -m nodes.cli).
 
 import json
 import signal
+import sys
 import time
 
+import numpy as np
 import pytest
 
 from nodes.demo import start_federation
@@ -50,7 +52,7 @@ def _run(
     strategy="one-shot",
     clients=CLIENTS,
     roster=None,
-    client_env=None,
+    faults=None,
     client_args=None,
     server_toml=None,
     round_deadline_s=60.0,
@@ -68,7 +70,7 @@ def _run(
         eval_windows=0,
         echo=False,
         roster_clients=roster,
-        client_env=client_env,
+        client_launcher=_launchers(faults),
         client_args=client_args,
         server_toml=server_toml,
         round_deadline_s=round_deadline_s,
@@ -78,6 +80,11 @@ def _run(
     out = work / mode / "out"
     report = json.loads((out / "report.json").read_text()) if (out / "report.json").exists() else None
     return server_code, codes, report, logs, work / mode
+
+
+def _launchers(faults):
+    """Start client c as ``python -m tests.fault_client FAULT`` for each c -> FAULT."""
+    return {c: [sys.executable, "-m", "tests.fault_client", f] for c, f in (faults or {}).items()}
 
 
 def _last_line(logs, who):
@@ -140,7 +147,7 @@ def test_client_killed_after_masked_input_and_refused_impostors(world):
         "killed-after",
         clients=CLIENTS + ["x"],
         roster=CLIENTS,
-        client_env={"c": {"FEDPRUNE_FAULT": "exit-after-input"}, "b": {"FEDPRUNE_FAULT": "bad-chunk"}},
+        faults={"c": "exit-after-input", "b": "bad-chunk"},
     )
     assert code == 0 and codes["a"] == 0 and codes["b"] == 0 and codes["c"] == 3
     assert codes["x"] != 0 and "not on the roster" in _last_line(logs, "x")
@@ -154,7 +161,7 @@ def test_client_killed_before_input_is_dropped(world):
     code, codes, report, logs, _ = _run(
         world,
         "killed-before",
-        client_env={"c": {"FEDPRUNE_FAULT": "exit-before-input"}},
+        faults={"c": "exit-before-input"},
     )
     assert code == 0 and codes["c"] == 3
     assert report["rounds"][0]["contributors"] == ["a", "b"]
@@ -165,7 +172,7 @@ def test_fewer_than_threshold_aborts_and_writes_nothing(world):
     code, codes, report, logs, run_dir = _run(
         world,
         "too-few",
-        client_env={"c": {"FEDPRUNE_FAULT": "exit-before-input"}},
+        faults={"c": "exit-before-input"},
         server_toml=["threshold = 3"],
     )
     assert code == 2 and report is None
@@ -229,10 +236,10 @@ def test_server_killed_mid_round_clients_exit_with_a_clear_message(world):
         echo=False,
         round_deadline_s=60.0,
         client_args={c: ["--save-model", str(work / f"{c}-model")] for c in CLIENTS},
-        client_env={"c": {"FEDPRUNE_FAULT": "stall-before-input"}},  # holds round 0 open
+        client_launcher=_launchers({"c": "stall-before-input"}),  # holds round 0 open
     )
     deadline = time.monotonic() + 120
-    while not all(any("local masks ready" in line for line in logs[c].get("lines", [])) for c in CLIENTS):
+    while not all(any("ready in" in line for line in logs[c].get("lines", [])) for c in CLIENTS):
         assert time.monotonic() < deadline
         time.sleep(0.2)
     time.sleep(3)  # a and b send their masked input; the server waits for c
@@ -267,3 +274,103 @@ def test_insecure_is_only_for_loopback(tmp_path, capsys):
 
     code = main(["server", "--insecure", "--listen", "0.0.0.0:5000", "--model", "x"])
     assert code == 2 and "loopback" in capsys.readouterr().err
+
+
+def _records(run_dir, sender=None, rnd=None, kind=None):
+    """(record, parsed ClientMessage) pairs from a run's audit directory."""
+    from nodes.audit import read_records
+    from nodes.wire import federation_pb2 as pb
+
+    records, error = read_records(run_dir / "audit")
+    assert error is None
+    out = []
+    for rec in records:
+        if (sender, rnd, kind) != (None, None, None) and (
+            (sender is not None and rec["sender"] != sender)
+            or (rnd is not None and rec["round"] != rnd)
+            or (kind is not None and rec["kind"] != kind)
+        ):
+            continue
+        blob = run_dir / "audit" / "blobs" / f"{rec['seq']:09d}.bin"
+        out.append((rec, pb.ClientMessage.FromString(blob.read_bytes())))
+    return out
+
+
+def test_a_client_killed_after_sharing_keys_in_round_1_cannot_be_unmasked_from_the_audit(world):
+    """The cross-round attack, offline, on everything an iterative secure server kept.
+
+    c survives round 0 (its self-mask seed is revealed) and dies after sharing its keys in
+    round 1 (its mask key is rebuilt). With one key for the whole session those two secrets
+    unmasked c's round-0 vector; with per-round keys they do not.
+    """
+    from secagg import shamir
+    from secagg.client import pair_seed_info
+    from secagg.keys import agree, raw_public
+    from secagg.prg import MaskStream, context
+    from secagg.ring import add_, sub_, unpack
+
+    _, _, _, _, plain_dir = _run(world, "xr-plain", mode="plain", strategy="iterative")
+    truth_bits = b"".join(m.chunk.data for _, m in _records(plain_dir, "c", 0, "chunk"))
+    code, codes, report, logs, run_dir = _run(
+        world, "xr-secure", strategy="iterative", faults={"c": "exit-after-shares-round-1"}
+    )
+    assert code == 0 and codes["c"] == 3 and codes["a"] == 0 and codes["b"] == 0
+    assert report["rounds"][1]["dropped"] == ["c"] and report["rounds"][1]["contributors"] == ["a", "b"]
+    from nodes.audit import audit
+
+    text, ok = audit(run_dir / "audit")
+    assert ok and "dropout: c left round 1" in text
+
+    meta = json.loads((run_dir / "audit" / "session.json").read_text())
+    session, bits, t = bytes.fromhex(meta["session_id"]), meta["lane_bits"], meta["threshold"]
+    victim = meta["members"].index("c")
+    chunks = sorted((m.chunk.offset, m.chunk.data) for _, m in _records(run_dir, "c", 0, "chunk"))
+    masked = np.frombuffer(b"".join(d for _, d in chunks), dtype=np.uint8)
+    truth = np.unpackbits(np.frombuffer(truth_bits, dtype=np.uint8), bitorder="little")
+    truth = truth[: len(masked) * 8 // bits]
+
+    def secret(rnd, kind):
+        shares = [
+            (m.unmask_shares.self_mask_shares if kind == "self" else m.unmask_shares.key_shares)[victim]
+            for _, m in _records(run_dir, rnd=rnd, kind="unmask_shares")
+            if victim in (m.unmask_shares.self_mask_shares if kind == "self" else m.unmask_shares.key_shares)
+        ]
+        return shamir.combine([shamir.Share(s.x, s.y) for s in shares], t)
+
+    seed0, key1 = secret(0, "self"), secret(1, "key")
+    adverts = {
+        (rec["round"], meta["members"].index(rec["sender"])): m.key_advert
+        for rec, m in _records(run_dir, kind="key_advert")
+    }
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    # The attacker really did rebuild c's round-1 mask key: it matches c's signed advert.
+    assert (
+        raw_public(X25519PrivateKey.from_private_bytes(key1).public_key()) == adverts[(1, victim)].mask_public
+    )
+    best = 0.0
+    for info_round in (0, 1):
+        data = masked.copy()
+        sub_(
+            data, MaskStream.derive(seed0, context(session, 0, "self", victim)).keystream(0, len(data)), bits
+        )
+        for w in (i for i in range(len(meta["members"])) if i != victim):
+            seed = agree(key1, adverts[(0, w)].mask_public, pair_seed_info(session, info_round))
+            stream = MaskStream.derive(seed, context(session, 0, "pair", *sorted((victim, w)))).keystream(
+                0, len(data)
+            )
+            (sub_ if victim < w else add_)(data, stream, bits)
+        guess = unpack(data, bits, len(truth))
+        best = max(best, float(np.mean(guess == truth)))
+    assert len(truth) > 1000
+    assert best < 0.6  # chance level for 2-bit lanes against 0/1 votes is about 0.25
+
+
+def test_a_client_voting_twice_aborts_the_round_and_nothing_is_written(world):
+    code, codes, report, logs, run_dir = _run(world, "extra-votes", faults={"c": "extra-votes"})
+    assert code == 2 and report is None
+    assert not (run_dir / "out" / "final-mask.bin").exists()
+    assert not (run_dir / "out" / "pruned-model").exists()
+    last = _last_line(logs, "server")
+    assert "votes" in last and "aborted" in last, last
+    assert all(codes[c] != 0 for c in ("a", "b")) and "aborted" in _last_line(logs, "a")

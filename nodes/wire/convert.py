@@ -10,12 +10,24 @@ from . import federation_pb2 as pb
 
 def advert_to_pb(m: sm.AdvertiseKeys) -> pb.KeyAdvert:
     return pb.KeyAdvert(
-        sender=m.sender, enc_public=m.enc_public, mask_public=m.mask_public, signature=m.signature
+        round=m.round,
+        sender=m.sender,
+        enc_public=m.enc_public,
+        mask_public=m.mask_public,
+        signature=m.signature,
     )
 
 
 def advert_from_pb(p: pb.KeyAdvert, session: bytes) -> sm.AdvertiseKeys:
-    return sm.AdvertiseKeys(session, p.sender, p.enc_public, p.mask_public, p.signature)
+    return sm.AdvertiseKeys(session, p.round, p.sender, p.enc_public, p.mask_public, p.signature)
+
+
+def directory_to_pb(m: sm.KeyDirectory) -> pb.KeyDirectory:
+    return pb.KeyDirectory(round=m.round, adverts=[advert_to_pb(a) for a in m.adverts])
+
+
+def directory_from_pb(p: pb.KeyDirectory, session: bytes) -> sm.KeyDirectory:
+    return sm.KeyDirectory(session, p.round, tuple(advert_from_pb(a, session) for a in p.adverts))
 
 
 def shares_to_pb(m: sm.EncryptedShares) -> pb.EncryptedShares:

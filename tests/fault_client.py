@@ -1,0 +1,94 @@
+"""Faulty and malicious clients for the federation tests, through the ClientHooks seam.
+
+    python -m tests.fault_client FAULT client --server ... (the usual client arguments)
+
+The shipped client never reads a fault from its environment; these hooks exist only here.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+import time
+
+import numpy as np
+
+import secagg.client
+from nodes.cli import main
+from nodes.client import ClientHooks
+
+
+class ExitBeforeInput(ClientHooks):
+    def before_input(self, rnd):
+        os._exit(3)
+
+
+class StallBeforeInput(ClientHooks):
+    def before_input(self, rnd):
+        time.sleep(3600)  # holds the round open until the test kills us
+
+
+class ExitAfterInput(ClientHooks):
+    def after_input(self, rnd):
+        time.sleep(1.0)  # let the stream flush, then vanish
+        os._exit(3)
+
+
+class ExitAfterSharesInRound1(ClientHooks):
+    """Shares its keys in round 1, then vanishes: its round-1 mask key gets reconstructed."""
+
+    def after_shares(self, rnd):
+        if rnd == 1:
+            time.sleep(1.0)
+            os._exit(3)
+
+
+class BadChunk(ClientHooks):
+    """An off-grid chunk, then every chunk with the first one sent twice."""
+
+    def chunks(self, rnd, chunks):
+        from nodes.wire import federation_pb2 as pb
+
+        yield pb.VectorChunk(round=rnd, offset=3, data=b"\x00")
+        for i, chunk in enumerate(chunks):
+            yield chunk
+            if i == 0:
+                yield chunk
+
+
+class ExtraVotes(ClientHooks):
+    """A malicious client: two votes for each of the first 64 weights of every round.
+
+    It also skips its own secure-aggregation range check, as a real attacker would.
+    """
+
+    def __init__(self) -> None:
+        original = secagg.client.ClientSession.masked_chunks
+
+        def unchecked(session, values):
+            loose = copy.copy(session.round_config)
+            object.__setattr__(loose, "input_bound", (1 << loose.lane_bits) - 1)
+            session.round_config = loose
+            return original(session, values)
+
+        secagg.client.ClientSession.masked_chunks = unchecked
+
+    def round_vector(self, rnd, vector):
+        vector = np.array(vector, dtype=np.uint8)
+        vector[:64] = 2
+        return vector
+
+
+FAULTS = {
+    "exit-before-input": ExitBeforeInput,
+    "stall-before-input": StallBeforeInput,
+    "exit-after-input": ExitAfterInput,
+    "exit-after-shares-round-1": ExitAfterSharesInRound1,
+    "bad-chunk": BadChunk,
+    "extra-votes": ExtraVotes,
+}
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[2:], client_hooks=FAULTS[sys.argv[1]]()))
