@@ -163,6 +163,10 @@ class ClientHooks:
     def after_input(self, rnd: int) -> None:
         """Called after this client's whole input for round ``rnd`` was queued."""
 
+    def unmask_shares(self, message: pb.UnmaskShares) -> pb.UnmaskShares:
+        """The unmask shares about to be sent."""
+        return message
+
 
 class _Session:
     """One client's side of the federation: one handler per server message kind."""
@@ -289,7 +293,7 @@ class _Session:
 
     def on_unmask_request(self, request) -> None:
         shares = self.sa.unmask(convert.request_from_pb(request, self.welcome.session_id))
-        self.send(unmask_shares=convert.unmask_to_pb(shares))
+        self.send(unmask_shares=self.hooks.unmask_shares(convert.unmask_to_pb(shares)))
 
     def on_final_mask(self, fm) -> None:
         self.received.setdefault(fm.round, []).append(fm.data)

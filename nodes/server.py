@@ -471,6 +471,9 @@ class FederationServer(pb_grpc.FederationServicer):
         except SecAggError as exc:
             raise FederationAborted(f"round {rnd} aborted: {exc}") from exc
         dropped = [self.members[i] for i in sa.dropped]
+        bad = {self.members[h]: [self.members[o] for o in owners] for h, owners in sa.bad_shares.items()}
+        for holder, owners in bad.items():
+            self.log(f"round {rnd}: {holder} sent corrupted unmask shares (for {owners}); excluded from them")
         meta_path = Path(self.cfg.audit_dir) / "session.json"
         meta = json.loads(meta_path.read_text())
         meta["decoded"].append(
@@ -479,7 +482,7 @@ class FederationServer(pb_grpc.FederationServicer):
         )
         meta.setdefault("dropped", {})[str(rnd)] = dropped
         self.transcript.write_meta("session.json", meta)
-        self._round_extra = {**times, "dropped": dropped}
+        self._round_extra = {**times, "dropped": dropped, "bad_shares": bad}
         return counts, list(survivors.survivors)
 
     def _sum_buffer(self, nbytes: int) -> np.ndarray:

@@ -43,6 +43,7 @@ from .messages import (
     UnmaskRequest,
     UnmaskShares,
     advert_message,
+    seed_commitment,
     survivors_message,
 )
 from .prg import MaskStream, context
@@ -99,7 +100,7 @@ class ClientSession:
         self._mask_key = X25519PrivateKey.generate()
         self._peer_enc: dict[int, bytes] = {}
         self._pair_seeds: dict[int, bytes] = {}
-        self._self_seed: bytes | None = None
+        self._self_seed = os.urandom(32)  # committed to in the advertisement
         self._held: dict[int, tuple[shamir.Share, shamir.Share]] = {}  # peer -> (key, self)
         self._active: frozenset[int] = frozenset()
         self._signed: tuple[int, ...] | None = None
@@ -107,8 +108,9 @@ class ClientSession:
         enc = keys.raw_public(self._enc_key.public_key())
         mask = keys.raw_public(self._mask_key.public_key())
         session = self.config.session_id
-        sig = keys.sign(self._identity, advert_message(session, round_number, self.id, enc, mask))
-        return AdvertiseKeys(session, round_number, self.id, enc, mask, sig)
+        commit = seed_commitment(session, round_number, self.id, self._self_seed)
+        sig = keys.sign(self._identity, advert_message(session, round_number, self.id, enc, mask, commit))
+        return AdvertiseKeys(session, round_number, self.id, enc, mask, commit, sig)
 
     def receive_keys(self, directory: KeyDirectory) -> None:
         """Verify the neighbours' signed keys for this round; agree a pairwise mask seed with each."""
@@ -125,7 +127,9 @@ class ClientSession:
             keys.verify(
                 self._roster_key(ad.sender),
                 ad.signature,
-                advert_message(ad.session, ad.round, ad.sender, ad.enc_public, ad.mask_public),
+                advert_message(
+                    ad.session, ad.round, ad.sender, ad.enc_public, ad.mask_public, ad.seed_commitment
+                ),
                 f"client {ad.sender}",
             )
             peer_enc[ad.sender] = ad.enc_public
@@ -139,7 +143,6 @@ class ClientSession:
         """Fresh self-mask seed; Shamir shares of it and of this round's mask key, sealed per neighbour."""
         self._expect("keys")
         session, rnd = self.config.session_id, self.round
-        self._self_seed = os.urandom(32)
         holders = sorted(self._peer_enc)
         xs = [h + 1 for h in (*holders, self.id)]  # as in Bonawitz et al., we hold a share too
         key_shares = shamir.split(keys.raw_private(self._mask_key), self.config.threshold, xs)

@@ -24,6 +24,11 @@ def raw_private(key: X25519PrivateKey | Ed25519PrivateKey) -> bytes:
     return key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
 
 
+def public_of(private: bytes) -> bytes:
+    """The raw X25519 public key of a raw private key."""
+    return raw_public(X25519PrivateKey.from_private_bytes(private).public_key())
+
+
 def agree(private: X25519PrivateKey | bytes, peer_public: bytes, info: bytes) -> bytes:
     """X25519 shared secret of two parties, run through HKDF-SHA256 with ``info``."""
     if isinstance(private, bytes):

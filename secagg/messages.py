@@ -11,6 +11,7 @@ ConsistencySignature -> UnmaskRequest -> UnmaskShares.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -134,6 +135,7 @@ class AdvertiseKeys:
     sender: int
     enc_public: bytes  # X25519, encrypts this round's shares
     mask_public: bytes  # X25519, agrees this round's pairwise mask seeds
+    seed_commitment: bytes  # SHA-256 binding this round's self-mask seed (see seed_commitment)
     signature: bytes  # Ed25519 identity key over all of the above
 
 
@@ -202,10 +204,20 @@ class UnmaskShares:
 
 
 def advert_message(
-    session: bytes, round_number: int, sender: int, enc_public: bytes, mask_public: bytes
+    session: bytes, round_number: int, sender: int, enc_public: bytes, mask_public: bytes, commitment: bytes
 ) -> bytes:
     fields = [b"advertise", session, str(round_number).encode(), str(sender).encode()]
-    return b"|".join([*fields, enc_public, mask_public])
+    return b"|".join([*fields, enc_public, mask_public, commitment])
+
+
+def seed_commitment(session: bytes, round_number: int, sender: int, self_seed: bytes) -> bytes:
+    """A hiding, binding commitment to a self-mask seed (the seed is 32 random bytes).
+
+    It lets the server recognise the right seed when some unmask shares are corrupted,
+    and name the holders that sent them, instead of aborting the round.
+    """
+    context = b"|".join([b"self-seed", session, str(round_number).encode(), str(sender).encode()])
+    return hashlib.sha256(context + b"|" + self_seed).digest()
 
 
 def survivors_message(session: bytes, round_number: int, survivors: tuple[int, ...]) -> bytes:

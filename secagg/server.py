@@ -43,6 +43,7 @@ from .messages import (
     UnmaskRequest,
     UnmaskShares,
     advert_message,
+    seed_commitment,
     survivors_message,
 )
 from .prg import MaskStream, context
@@ -95,6 +96,7 @@ class ServerSession:
         self._signatures: dict[int, bytes] = {}
         self._unmask: dict[int, UnmaskShares] = {}
         self.dropped: tuple[int, ...] = ()
+        self.bad_shares: dict[int, list[int]] = {}  # holder -> owners whose share it corrupted
         self.bytes_received: dict[int, int] = {}
 
     def receive_advertisement(self, msg: AdvertiseKeys) -> None:
@@ -104,7 +106,9 @@ class ServerSession:
         self._verify(
             msg.sender,
             msg.signature,
-            advert_message(msg.session, msg.round, msg.sender, msg.enc_public, msg.mask_public),
+            advert_message(
+                msg.session, msg.round, msg.sender, msg.enc_public, msg.mask_public, msg.seed_commitment
+            ),
         )
         self._adverts[msg.sender] = msg
         self._count(msg.sender, len(msg.enc_public) + len(msg.mask_public) + len(msg.signature))
@@ -283,10 +287,17 @@ class ServerSession:
 
     # Helpers -----------------------------------------------------------------
     def _reconstruct(self, owner: int, kind: Literal["self", "key"]) -> bytes:
-        shares = []
-        for msg in self._unmask.values():
+        """The owner's self-mask seed or mask key, checked against its signed advertisement.
+
+        A corrupted share does not abort the round while t good ones remain: the secret
+        is found among subsets of t shares, and the holders of the bad ones are named
+        in ``bad_shares``.
+        """
+        holders, shares = [], []
+        for holder, msg in self._unmask.items():
             table = msg.self_mask_shares if kind == "self" else msg.key_shares
             if owner in table:
+                holders.append(holder)
                 shares.append(table[owner])
         if len(shares) < self.config.threshold:
             self.phase = "done"
@@ -294,11 +305,25 @@ class ServerSession:
                 f"only {len(shares)} of {self.config.threshold} needed shares to remove client "
                 f"{owner}'s mask; the round is aborted"
             )
+        advert = self._adverts[owner]
+        if kind == "self":
+            expected = advert.seed_commitment
+
+            def is_secret(candidate: bytes) -> bool:
+                return seed_commitment(self.config.session_id, self.round, owner, candidate) == expected
+        else:
+
+            def is_secret(candidate: bytes) -> bool:
+                return keys.public_of(candidate) == advert.mask_public
+
         try:
-            return shamir.combine(shares, self.config.threshold)
-        except ShareError:
+            secret, bad = shamir.recover_verified(shares, self.config.threshold, is_secret)
+        except ShareError as exc:
             self.phase = "done"
-            raise
+            raise ShareError(f"client {owner}'s {kind} secret: {exc}; the round is aborted") from exc
+        for x in bad:
+            self.bad_shares.setdefault(x - 1, []).append(owner)
+        return secret
 
     def _check_share(self, holder: int, owner: int, share: shamir.Share) -> None:
         if (holder != owner and holder not in self.config.graph[owner]) or share.x != holder + 1:

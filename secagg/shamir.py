@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -84,3 +85,33 @@ def combine(shares: Sequence[Share] | Mapping[int, Share], threshold: int) -> by
     if secret >> (8 * SECRET_BYTES):
         raise ShareError("inconsistent shares: the reconstructed value is not a 32-byte secret")
     return secret.to_bytes(SECRET_BYTES, "big")
+
+
+def recover_verified(
+    shares: Sequence[Share], threshold: int, is_secret: Callable[[bytes], bool], max_subsets: int = 5000
+) -> tuple[bytes, list[int]]:
+    """Recover a secret that ``is_secret`` accepts, despite corrupted shares; name the bad ones.
+
+    ``is_secret`` checks a candidate against a public commitment (a mask key against its
+    advertised public key, a self-mask seed against its signed hash). The first
+    ``threshold`` shares are tried first; if they fail, subsets of ``threshold`` are
+    searched (at most ``max_subsets``). Returns the secret and the x of every share
+    that does not lie on the polynomial it came from. Raises :class:`ShareError`
+    when no subset yields a secret that passes the check.
+    """
+    items = list(shares)
+    if len(items) < threshold:
+        raise ShareError(f"need {threshold} shares to reconstruct, got {len(items)}")
+    points = [(s.x, int.from_bytes(s.y, "big")) for s in items]
+    for tried, subset in enumerate(itertools.combinations(points, threshold)):
+        if tried >= max_subsets:
+            break
+        value = _interpolate_at(list(subset), 0)
+        if value >> (8 * SECRET_BYTES):
+            continue
+        secret = value.to_bytes(SECRET_BYTES, "big")
+        if is_secret(secret):
+            base = list(subset)
+            bad = [x for x, y in points if _interpolate_at(base, x) != y]
+            return secret, bad
+    raise ShareError("no subset of the shares reconstructs a secret that matches its commitment")

@@ -80,6 +80,16 @@ class ExtraVotes(ClientHooks):
         return vector
 
 
+class CorruptUnmaskShares(ClientHooks):
+    """Flips one byte of every share it reveals (a faulty or malicious share holder)."""
+
+    def unmask_shares(self, message):
+        for table in (message.self_mask_shares, message.key_shares):
+            for share in table.values():
+                share.y = share.y[:-1] + bytes([share.y[-1] ^ 1])
+        return message
+
+
 FAULTS = {
     "exit-before-input": ExitBeforeInput,
     "stall-before-input": StallBeforeInput,
@@ -87,6 +97,7 @@ FAULTS = {
     "exit-after-shares-round-1": ExitAfterSharesInRound1,
     "bad-chunk": BadChunk,
     "extra-votes": ExtraVotes,
+    "corrupt-unmask-shares": CorruptUnmaskShares,
 }
 
 

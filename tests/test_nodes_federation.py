@@ -374,3 +374,11 @@ def test_a_client_voting_twice_aborts_the_round_and_nothing_is_written(world):
     last = _last_line(logs, "server")
     assert "votes" in last and "aborted" in last, last
     assert all(codes[c] != 0 for c in ("a", "b")) and "aborted" in _last_line(logs, "a")
+
+
+def test_corrupted_unmask_shares_are_excluded_and_the_sender_named(world):
+    code, codes, report, logs, _ = _run(world, "bad-shares", faults={"b": "corrupt-unmask-shares"})
+    assert code == 0 and not any(codes.values())
+    assert report["sparsity"] == 0.5 and report["rounds"][0]["contributors"] == ["a", "b", "c"]
+    assert set(report["rounds"][0]["bad_shares"]) == {"b"}
+    assert any("b sent corrupted unmask shares" in line for line in logs["server"]["lines"])

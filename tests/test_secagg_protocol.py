@@ -252,3 +252,51 @@ def test_bytes_on_the_wire_are_lane_width_per_element():
     vectors = [np.ones(1 << 12, dtype=np.uint8) for _ in range(8)]
     result = simulate(vectors, chunk_elems=1024, record=True)
     assert all(len(v) == (1 << 12) * 4 // 8 for v in result.masked_inputs.values())
+
+
+def _corrupt(share):
+    return dataclasses.replace(share, y=share.y[:-1] + bytes([share.y[-1] ^ 1]))
+
+
+def test_corrupted_unmask_shares_are_found_excluded_and_named():
+    """One holder lies about every share it reveals; with more than t shares the round completes."""
+    config, server, clients = _session(m=5)  # t = 3, 5 holders per secret
+    rng = np.random.default_rng(3)
+    vectors = {c: rng.integers(0, 2, 300) for c in clients}
+    _through_input(server, clients, vectors, skip={4})  # 4 drops: its mask key is rebuilt too
+    survivors = server.survivor_list()
+    for c in survivors.survivors:
+        server.receive_signature(clients[c].sign_survivors(survivors))
+    request = server.unmask_request()
+    for c in survivors.survivors:
+        msg = clients[c].unmask(request)
+        if c == 2:
+            msg = dataclasses.replace(
+                msg,
+                self_mask_shares={o: _corrupt(s) for o, s in msg.self_mask_shares.items()},
+                key_shares={o: _corrupt(s) for o, s in msg.key_shares.items()},
+            )
+        server.receive_unmask(msg)
+    assert np.array_equal(server.finish(), sum(vectors[c] for c in (0, 1, 2, 3)))
+    assert set(server.bad_shares) == {2} and set(server.bad_shares[2]) == {0, 1, 2, 3, 4}  # its own share too
+
+
+def test_too_many_corrupted_shares_abort_without_a_wrong_result():
+    from secagg import ShareError
+
+    config, server, clients = _session(m=3, threshold=2)
+    vectors = {c: np.ones(300, dtype=np.uint8) for c in clients}
+    _through_input(server, clients, vectors)
+    survivors = server.survivor_list()
+    for c in survivors.survivors:
+        server.receive_signature(clients[c].sign_survivors(survivors))
+    request = server.unmask_request()
+    for c in survivors.survivors:
+        msg = clients[c].unmask(request)
+        if c != 0:  # two of three holders lie: no two good shares remain
+            msg = dataclasses.replace(
+                msg, self_mask_shares={o: _corrupt(s) for o, s in msg.self_mask_shares.items()}
+            )
+        server.receive_unmask(msg)
+    with pytest.raises(ShareError, match="commitment"):
+        server.finish()

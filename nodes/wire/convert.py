@@ -14,12 +14,15 @@ def advert_to_pb(m: sm.AdvertiseKeys) -> pb.KeyAdvert:
         sender=m.sender,
         enc_public=m.enc_public,
         mask_public=m.mask_public,
+        seed_commitment=m.seed_commitment,
         signature=m.signature,
     )
 
 
 def advert_from_pb(p: pb.KeyAdvert, session: bytes) -> sm.AdvertiseKeys:
-    return sm.AdvertiseKeys(session, p.round, p.sender, p.enc_public, p.mask_public, p.signature)
+    return sm.AdvertiseKeys(
+        session, p.round, p.sender, p.enc_public, p.mask_public, p.seed_commitment, p.signature
+    )
 
 
 def directory_to_pb(m: sm.KeyDirectory) -> pb.KeyDirectory:
