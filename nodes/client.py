@@ -8,7 +8,6 @@ applies the final mask it receives, and can save its pruned model.
 from __future__ import annotations
 
 import hashlib
-import os
 import queue
 import threading
 import time
@@ -28,9 +27,9 @@ from secagg import ClientSession, SessionConfig
 from secagg.errors import SecAggError
 from secagg.keys import sign
 
+from .admission import PROTOCOL_VERSION, hello_message
 from .files import atomic_write_dir
 from .identity import load_identity
-from .server import PROTOCOL_VERSION, hello_message
 from .wire import convert
 from .wire import federation_pb2 as pb
 from .wire import federation_pb2_grpc as pb_grpc
@@ -106,18 +105,8 @@ def run_client(cfg: ClientConfig, log=print, hooks: ClientHooks | None = None) -
             inbox.put(exc)
 
     threading.Thread(target=read, daemon=True).start()
-    nonce = os.urandom(16)
-    outgoing.put(
-        pb.ClientMessage(
-            hello=pb.Hello(
-                client_id=cfg.client_id,
-                fingerprint=fp,
-                protocol_version=PROTOCOL_VERSION,
-                nonce=nonce,
-                signature=sign(identity, hello_message(cfg.client_id, fp, nonce)),
-            )
-        )
-    )
+    hello = pb.Hello(client_id=cfg.client_id, fingerprint=fp, protocol_version=PROTOCOL_VERSION)
+    outgoing.put(pb.ClientMessage(hello=hello))
     try:
         return _session(cfg, lm, lay, fp, windows, identity, inbox, outgoing, log, hooks or ClientHooks())
     finally:
@@ -175,6 +164,7 @@ class _Session:
         self.cfg, self.lm, self.lay, self.fp, self.windows = cfg, lm, lay, fp, windows
         self.identity, self.outgoing, self.log, self.hooks = identity, outgoing, log, hooks
         self.welcome = None
+        self.session_id: bytes | None = None  # from the server's challenge
         self.sa: ClientSession | None = None
         self.pruner: ClientPruner | None = None
         self.vector: np.ndarray | None = None  # one-shot: every layer; iterative: this block
@@ -192,8 +182,18 @@ class _Session:
         getattr(self, f"on_{kind}")(getattr(msg, kind))
         return self.result
 
+    def on_challenge(self, challenge) -> None:
+        """Prove our identity: sign the server's fresh nonce and session id (no replayable Hello)."""
+        if self.session_id is not None or len(challenge.nonce) < 16 or len(challenge.session_id) < 8:
+            raise ClientFailed("the server sent a malformed or repeated challenge")
+        self.session_id = challenge.session_id
+        message = hello_message(challenge.session_id, challenge.nonce, self.cfg.client_id, self.fp)
+        self.send(hello_proof=pb.HelloProof(signature=sign(self.identity, message)))
+
     def on_welcome(self, welcome) -> None:
         cfg, lay = self.cfg, self.lay
+        if self.session_id is None or welcome.session_id != self.session_id:
+            raise ClientFailed("the server's welcome is for another session than the one we proved")
         self.welcome = welcome
         if welcome.fingerprint != self.fp:
             raise ClientFailed("the server's model fingerprint differs from ours; refusing to continue")

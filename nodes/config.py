@@ -51,6 +51,8 @@ class ServerConfig:
     client_ca: str = ""
     insecure: bool = False
     join_deadline_s: float = 120.0
+    hello_deadline_s: float = 10.0  # a connection must complete admission within this
+    max_pending_hellos: int = 8  # connections awaiting admission at once
     round_deadline_s: float = 1800.0
     audit_dir: str = "audit"
     output_dir: str = "out"
@@ -85,7 +87,9 @@ class ServerConfig:
                 "weight scaling needs every party to know the vote counts; it is a study option of "
                 "'fedprune simulate', the federation broadcasts only the final mask"
             )
-        if self.join_deadline_s <= 0 or self.round_deadline_s <= 0:
+        if self.max_pending_hellos < 1:
+            raise NodeConfigError("max_pending_hellos must be at least 1")
+        if self.join_deadline_s <= 0 or self.round_deadline_s <= 0 or self.hello_deadline_s <= 0:
             raise NodeConfigError("deadlines must be positive")
         return self
 

@@ -31,28 +31,24 @@ from fedprune.strategies import apply_vote_counts, layer_salts
 from fedprune.wanda import check_vote_counts
 from secagg import ServerSession, SessionConfig, default_threshold, lane_bits_for
 from secagg.errors import SecAggError
-from secagg.keys import verify as verify_signature
 from secagg.messages import ConsistencySignature, MaskedChunk
 
+from .admission import ID_PATTERN, Admission, Refusal, refusal_record
 from .audit import Transcript
 from .config import ServerConfig
 from .files import atomic_write_bytes, atomic_write_dir, atomic_write_text
 from .identity import parse_public_hex
+from .staging import ChunkStaging
 from .wire import convert
 from .wire import federation_pb2 as pb
 from .wire import federation_pb2_grpc as pb_grpc
 
-PROTOCOL_VERSION = 1
 MASK_CHUNK_BITS = 1 << 23  # elements per FinalMask message (1 MiB bit-packed)
 SPILL_BYTES = 1 << 30  # running sums larger than this live in a memory-mapped file
 
 
 class FederationAborted(Exception):
     """The round cannot complete (too few survivors, protocol failure); nothing is written."""
-
-
-def hello_message(client_id: str, fp: bytes, nonce: bytes) -> bytes:
-    return b"|".join([b"hello", client_id.encode(), fp, nonce])
 
 
 class _Link:
@@ -95,27 +91,40 @@ class FederationServer(pb_grpc.FederationServicer):
         self.refused: list[str] = []
         self.session_id = os.urandom(16)
         self.rounds: list[dict] = []
+        self.admission = Admission(
+            self.roster,
+            self.fingerprint,
+            self.session_id,
+            cfg.insecure,
+            cfg.hello_deadline_s,
+            cfg.max_pending_hellos,
+        )
 
     # ---- gRPC side -------------------------------------------------------------
     def Session(self, request_iterator, context):  # noqa: N802 (gRPC method name)
+        """Admit the stream (see nodes.admission), then relay the coordinator's messages."""
+        claimed = "?"
         try:
-            first = next(request_iterator)
-        except StopIteration:
+            with self.admission.gate(context):
+                first = next(request_iterator, None)
+                if first is not None and first.WhichOneof("body") == "hello":
+                    claimed = first.hello.client_id
+                cid, nonce = self.admission.check_hello(first, context)
+                self._check_vacancy(cid)
+                yield pb.ServerMessage(challenge=pb.Challenge(session_id=self.session_id, nonce=nonce))
+                proof = next(request_iterator, None)
+                self.admission.check_proof(proof, cid, nonce)
+                link = self._join(cid, first, proof)
+        except Refusal as refusal:
+            self._refuse(claimed, refusal.reason)
+            context.abort(refusal.status, refusal.reason)
             return
-        hello = first.hello if first.WhichOneof("body") == "hello" else None
-        if hello is None:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be Hello")
-        self.transcript.record(hello.client_id or "?", None, "hello", first.SerializeToString())
-        status, reason = self._check_hello(hello, context)
-        if status is not None:
-            self.refused.append(f"{hello.client_id}: {reason}")
-            self.log(f"refused {hello.client_id!r}: {reason}")
-            context.abort(status, reason)
-        link = _Link(hello.client_id)
-        with self._lock:
-            self.links[hello.client_id] = link
-            self._joined.notify_all()
-        self.log(f"client {hello.client_id} joined ({len(self.links)}/{self.cfg.expected_clients})")
+        except grpc.RpcError:
+            self._refuse(claimed, "no answer before the admission deadline")
+            return
+        if not context.is_active():  # cancelled at the admission deadline
+            self._refuse(claimed, "no answer before the admission deadline")
+            return
         reader = threading.Thread(target=self._read, args=(link, request_iterator), daemon=True)
         reader.start()
         context.add_callback(lambda: self._gone(link))
@@ -125,36 +134,31 @@ class FederationServer(pb_grpc.FederationServicer):
                 return
             yield item
 
-    def _check_hello(self, hello, context):
-        cid = hello.client_id
-        if cid not in self.roster:
-            return grpc.StatusCode.PERMISSION_DENIED, f"client {cid!r} is not on the roster"
-        if not self.cfg.insecure:
-            names = context.auth_context().get("x509_common_name", [])
-            if cid.encode() not in names:
-                return grpc.StatusCode.PERMISSION_DENIED, f"TLS certificate does not belong to {cid!r}"
-        try:
-            verify_signature(
-                self.roster[cid],
-                hello.signature,
-                hello_message(cid, hello.fingerprint, hello.nonce),
-                f"client {cid}",
-            )
-        except SecAggError:
-            return grpc.StatusCode.PERMISSION_DENIED, f"bad identity signature from {cid!r}"
-        if hello.protocol_version != PROTOCOL_VERSION:
-            return (
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"protocol version {hello.protocol_version} unsupported",
-            )
-        if hello.fingerprint != self.fingerprint:
-            return grpc.StatusCode.FAILED_PRECONDITION, "model fingerprint mismatch: not the server's model"
+    def _check_vacancy(self, cid: str) -> None:
         with self._lock:
             if self._started:
-                return grpc.StatusCode.UNAVAILABLE, "the session has already started"
+                raise Refusal(grpc.StatusCode.UNAVAILABLE, "the session has already started")
             if cid in self.links:
-                return grpc.StatusCode.ALREADY_EXISTS, f"client {cid!r} is already connected"
-        return None, ""
+                raise Refusal(grpc.StatusCode.ALREADY_EXISTS, f"client {cid!r} is already connected")
+
+    def _join(self, cid: str, hello, proof) -> _Link:
+        link = _Link(cid)
+        with self._lock:
+            if self._started or cid in self.links:
+                raise Refusal(grpc.StatusCode.ALREADY_EXISTS, f"client {cid!r} is already connected")
+            self.links[cid] = link
+            self._joined.notify_all()
+        # Only now, authenticated, is anything recorded under the client's name.
+        self.transcript.record(cid, None, "hello", hello.SerializeToString())
+        self.transcript.record(cid, None, "hello_proof", proof.SerializeToString())
+        self.log(f"client {cid} joined ({len(self.links)}/{self.cfg.expected_clients})")
+        return link
+
+    def _refuse(self, claimed: str, reason: str) -> None:
+        shown = claimed if ID_PATTERN.fullmatch(claimed) else "(no valid Hello)"
+        self.refused.append(f"{shown}: {reason}")
+        self.transcript.record("(refused)", None, "refused", refusal_record(shown, reason))
+        self.log(f"refused {shown!r}: {reason}")
 
     def _read(self, link: _Link, request_iterator) -> None:
         try:
@@ -179,7 +183,11 @@ class FederationServer(pb_grpc.FederationServicer):
     def run(self) -> dict:
         """Serve, run the federation, write the outputs; return the report."""
         server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=self.cfg.expected_clients + 8),
+            # every admitted client holds a worker; unauthenticated streams hold at most
+            # max_pending_hellos more, so honest clients always find one free
+            futures.ThreadPoolExecutor(
+                max_workers=self.cfg.expected_clients + self.cfg.max_pending_hellos + 4
+            ),
             options=[
                 ("grpc.max_receive_message_length", 64 << 20),
                 ("grpc.max_send_message_length", 64 << 20),
@@ -368,7 +376,9 @@ class FederationServer(pb_grpc.FederationServicer):
                     self.log(f"client {cid} disconnected during {what}")
                 continue
             if cid not in expected or cid in done:
-                self._reject("unexpected", f"{msg.WhichOneof('body')} from {cid} during {what}")
+                kind = msg.WhichOneof("body")
+                late = kind in ("chunk", "round_done", "survivor_signature", "unmask_shares")
+                self._reject("late" if late else "unexpected", f"{kind} from {cid} during {what}")
                 continue
             try:
                 if handle(cid, msg):
@@ -429,17 +439,33 @@ class FederationServer(pb_grpc.FederationServicer):
                 self.links[inverse[i]].send(share_bundle=convert.bundle_to_pb(bundle))
             self.log(f"round {rnd}: {len(bundles)} clients shared keys; collecting masked input")
 
+            staging = ChunkStaging(self.cfg.output_dir)
+            nchunks = sa.round_config.num_chunks
+
             def on_input(cid, msg):
                 kind = msg.WhichOneof("body")
                 if kind == "round_done" and msg.round_done.round == rnd:
+                    if len(staging.offsets.get(cid, ())) != nchunks:
+                        staging.discard(cid)
+                        self.log(f"round {rnd}: {cid}'s upload is incomplete; treated as dropped")
+                        return True
+                    for offset, data in staging.drain(cid):  # complete: into the running sum
+                        sa.receive_chunk(MaskedChunk(sid, rnd, self.index[cid], offset, data))
                     return True
                 if kind != "chunk":
                     raise SecAggError(f"expected masked chunks, got {kind}")
                 c = msg.chunk
-                sa.receive_chunk(MaskedChunk(sid, c.round, self.index[cid], c.offset, c.data))
+                chunk = MaskedChunk(sid, c.round, self.index[cid], c.offset, c.data)
+                sa.validate_chunk(chunk, staging.offsets.setdefault(cid, set()))
+                staging.add(cid, c.offset, c.data)
                 return False
 
-            self._collect({inverse[i] for i in bundles}, on_input, f"round {rnd} masked input")
+            try:
+                uploaded = self._collect({inverse[i] for i in bundles}, on_input, f"round {rnd} masked input")
+                for cid in {inverse[i] for i in bundles} - uploaded:
+                    self.log(f"round {rnd}: {cid} did not finish its upload; treated as dropped")
+            finally:
+                staging.close()
             survivors = sa.survivor_list()
             self.log(f"round {rnd}: inputs from {len(survivors.survivors)}/{len(bundles)}; consistency check")
             for i in survivors.survivors:

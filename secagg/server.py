@@ -158,6 +158,20 @@ class ServerSession:
     # Round 2 -----------------------------------------------------------------
     def receive_chunk(self, msg: MaskedChunk) -> None:
         """Validate one masked chunk and add it into the running sum."""
+        seen = self._chunks.setdefault(msg.sender, set())
+        self.validate_chunk(msg, seen)
+        seen.add(msg.offset)
+        start = self.round_config.byte_offset(msg.offset)
+        target = self._sum[start : start + len(msg.data)]
+        self.round_config.add_(target, np.frombuffer(msg.data, dtype=np.uint8))
+        self._count(msg.sender, len(msg.data))
+
+    def validate_chunk(self, msg: MaskedChunk, seen: set[int]) -> None:
+        """Every check :meth:`receive_chunk` makes; ``seen``: offsets already taken from the sender.
+
+        A transport that stages each client's chunks until its upload completes validates
+        them here as they arrive and feeds them to :meth:`receive_chunk` only then.
+        """
         cfg = self.round_config
         self._check_message(msg.session, msg.round, msg.sender, "input")
         if msg.sender not in self._u2:
@@ -171,14 +185,8 @@ class ServerSession:
                     f"expected {cfg.chunk_nbytes(msg.offset)}"
                 )
             )
-        seen = self._chunks.setdefault(msg.sender, set())
         if msg.offset in seen:
             raise self._reject(ProtocolError(f"duplicate chunk at {msg.offset} from client {msg.sender}"))
-        seen.add(msg.offset)
-        start = cfg.byte_offset(msg.offset)
-        target = self._sum[start : start + len(msg.data)]
-        cfg.add_(target, np.frombuffer(msg.data, dtype=np.uint8))
-        self._count(msg.sender, len(msg.data))
 
     def survivor_list(self) -> SurvivorList:
         """Close round 2: the clients whose whole masked vector arrived (U3)."""

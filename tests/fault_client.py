@@ -44,6 +44,15 @@ class ExitAfterSharesInRound1(ClientHooks):
             os._exit(3)
 
 
+class ExitMidUpload(ClientHooks):
+    """Sends its first masked chunk, then dies: the rest of its upload never arrives."""
+
+    def chunks(self, rnd, chunks):
+        yield next(iter(chunks))
+        time.sleep(1.0)
+        os._exit(3)
+
+
 class BadChunk(ClientHooks):
     """An off-grid chunk, then every chunk with the first one sent twice."""
 
@@ -96,9 +105,20 @@ FAULTS = {
     "exit-after-input": ExitAfterInput,
     "exit-after-shares-round-1": ExitAfterSharesInRound1,
     "bad-chunk": BadChunk,
+    "exit-mid-upload": ExitMidUpload,
     "extra-votes": ExtraVotes,
     "corrupt-unmask-shares": CorruptUnmaskShares,
 }
+
+
+class LateJoin(ClientHooks):
+    """An honest client that connects only after a few seconds (the attackers go first)."""
+
+    def __init__(self) -> None:
+        time.sleep(6.0)
+
+
+FAULTS["late-join"] = LateJoin
 
 
 if __name__ == "__main__":

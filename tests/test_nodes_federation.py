@@ -208,7 +208,7 @@ def test_bad_signature_wrong_fingerprint_and_wrong_certificate_are_refused(world
         "fingerprint",
         clients=["a", "b", "c"],
         client_args={"c": ["--model", str(world / "other-model")]},
-        server_toml=["join_deadline_s = 15"],
+        server_toml=["join_deadline_s = 40"],
     )
     assert codes["c"] != 0 and "fingerprint" in _last_line(logs, "c")
     code, codes, report, logs, _ = _run(
@@ -216,7 +216,7 @@ def test_bad_signature_wrong_fingerprint_and_wrong_certificate_are_refused(world
         "tls",
         clients=["a", "b", "c"],
         client_args={"c": ["--tls-cert", str(certs / "x.crt"), "--tls-key", str(certs / "x.tls.key")]},
-        server_toml=["join_deadline_s = 15"],
+        server_toml=["join_deadline_s = 40"],
     )
     assert codes["c"] != 0 and "TLS certificate" in _last_line(logs, "c")
 
@@ -382,3 +382,86 @@ def test_corrupted_unmask_shares_are_excluded_and_the_sender_named(world):
     assert report["sparsity"] == 0.5 and report["rounds"][0]["contributors"] == ["a", "b", "c"]
     assert set(report["rounds"][0]["bad_shares"]) == {"b"}
     assert any("b sent corrupted unmask shares" in line for line in logs["server"]["lines"])
+
+
+def _open_stream(port, certs, who, messages=()):
+    """A raw stream to the server with ``who``'s TLS certificate: send ``messages``, then stay
+    silent. Returns (thread collecting the responses, their list, the channel)."""
+    import queue
+    import threading
+
+    import grpc
+
+    from nodes.wire import federation_pb2_grpc as pb_grpc
+
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=(certs / "ca.pem").read_bytes(),
+        private_key=(certs / f"{who}.tls.key").read_bytes(),
+        certificate_chain=(certs / f"{who}.crt").read_bytes(),
+    )
+    channel = grpc.secure_channel(f"127.0.0.1:{port}", creds)
+    outgoing = queue.Queue()
+    for m in messages:
+        outgoing.put(m)
+    got = []
+
+    def pump():
+        try:
+            for msg in pb_grpc.FederationStub(channel).Session(iter(outgoing.get, None)):
+                got.append(msg.WhichOneof("body"))
+        except grpc.RpcError as exc:
+            got.append(exc.code().name)
+
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+    return thread, got, channel, outgoing
+
+
+def test_silent_streams_and_replayed_hellos_do_not_keep_honest_clients_out(world):
+    """11 silent streams from a stranger's CA-signed certificate, and a Hello + proof copied
+    from an earlier run's audit: none is admitted, and the honest federation completes."""
+    _, _, _, _, old = _run(world, "replay-source", mode="plain")
+    recorded = {rec["kind"]: m for rec, m in _records(old, "a") if rec["kind"] in ("hello", "hello_proof")}
+    work = _workdir(world, "lockout")
+    server, procs, port, logs = start_federation(
+        work,
+        mode="secure",
+        strategy="one-shot",
+        clients=CLIENTS,
+        model=str(world / "model"),
+        nsamples=4,
+        seqlen=32,
+        sparsity=0.5,
+        eval_windows=0,
+        echo=False,
+        client_launcher=_launchers(dict.fromkeys(CLIENTS, "late-join")),
+        server_toml=["hello_deadline_s = 3", "max_pending_hellos = 4"],
+    )
+    silent = [_open_stream(port, world / "certs", "x") for _ in range(11)]
+    replay = _open_stream(port, world / "certs", "a", [recorded["hello"], recorded["hello_proof"]])
+    replay[0].join(timeout=30)
+    codes = {c: p.wait(timeout=240) for c, p in procs.items()}
+    assert server.wait(timeout=120) == 0 and not any(codes.values())
+    assert replay[1] == ["challenge", "PERMISSION_DENIED"]  # the old proof signs an old nonce
+    for thread, got, channel, _ in silent:
+        thread.join(timeout=30)
+        assert got and got[-1] in ("CANCELLED", "RESOURCE_EXHAUSTED", "UNAVAILABLE"), got
+        channel.close()
+    report = json.loads((work / "secure" / "out" / "report.json").read_text())
+    assert report["members"] == CLIENTS
+    refused = "\n".join(report["refused"])
+    assert "bad identity signature" in refused and "awaiting authentication" in refused
+    transcript = (work / "secure" / "audit" / "transcript.jsonl").read_text()
+    assert '"sender": "x"' not in transcript  # refused attempts are not filed under a name
+
+
+def test_a_client_killed_mid_upload_is_dropped_and_the_round_completes(world):
+    small = ["chunk_elems = 1024"]  # several chunks per client
+    _, _, plain_ab, _, _ = _run(world, "ref-ab-small", mode="plain", clients=["a", "b"], server_toml=small)
+    code, codes, report, logs, run_dir = _run(
+        world, "mid-upload", faults={"c": "exit-mid-upload"}, server_toml=small
+    )
+    assert code == 0 and codes["c"] == 3 and codes["a"] == 0 and codes["b"] == 0
+    assert report["rounds"][0]["contributors"] == ["a", "b"] and report["rounds"][0]["dropped"] == ["c"]
+    assert report["final_mask_sha256"] == plain_ab["final_mask_sha256"]
+    assert not list((run_dir / "out").glob(".staging-*"))  # staged chunks are cleaned up
