@@ -3,8 +3,13 @@
 Each received message becomes one JSON line: sequence number, time, sender,
 round, kind, size, SHA-256 of the payload, the previous record's hash, and
 this record's hash (over all of the above), so that any edit, deletion or
-reordering breaks the chain. Payloads are kept as blobs when configured.
-``fedprune audit DIR`` reads it back.
+reordering breaks the chain. Payloads are kept as blobs when configured. The
+session metadata (session.json) is chained too, as "session-meta" records.
+
+The chain alone cannot show that its tail was cut or that the whole file was
+re-chained: after each round the server signs the head (record count and
+last hash) and sends it to every client as a receipt. ``fedprune audit DIR
+--receipt FILE...`` reads the transcript back and checks it against them.
 """
 
 from __future__ import annotations
@@ -17,6 +22,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from secagg.errors import SecAggError
+from secagg.keys import verify
 
 from .files import atomic_write_bytes, atomic_write_text
 
@@ -47,7 +55,15 @@ class Transcript:
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
 
     def write_meta(self, name: str, data: dict) -> None:
-        atomic_write_text(self.dir / name, json.dumps(data, indent=2))
+        """Write ``name`` and chain its exact bytes as a "session-meta" record."""
+        text = json.dumps(data, indent=2)
+        atomic_write_text(self.dir / name, text)
+        self.record("server", None, "session-meta", text.encode())
+
+    def head(self) -> tuple[int, str]:
+        """(number of records, hash of the last one): what a receipt signs."""
+        with self._lock:
+            return self._seq, self._prev
 
     def record(self, sender: str, round_number: int | None, kind: str, payload: bytes) -> None:
         with self._lock:
@@ -73,24 +89,39 @@ class Transcript:
             self._file.close()
 
 
-def read_records(directory: str | Path) -> tuple[list[dict], str | None]:
+def receipt_message(session_id: bytes, round_number: int, records: int, head: str) -> bytes:
+    return b"|".join(
+        [b"receipt", session_id, str(round_number).encode(), str(records).encode(), head.encode()]
+    )
+
+
+def read_records(directory: str | Path, require_blobs: bool = False) -> tuple[list[dict], str | None]:
     """All records and the first chain error (None if the chain is intact)."""
     path = Path(directory) / "transcript.jsonl"
     if not path.exists():
         return [], f"no transcript at {path}"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        return [], f"unreadable transcript ({exc.__class__.__name__})"
     records, prev = [], GENESIS
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
             return records, f"line {lineno} is not JSON"
+        if not isinstance(rec, dict):
+            return records, f"line {lineno} is not a record"
         if rec.get("prev") != prev or _record_hash(rec) != rec.get("hash") or rec.get("seq") != len(records):
             return records, f"hash chain broken at line {lineno} (record {rec.get('seq')})"
         blob = Path(directory) / "blobs" / f"{rec['seq']:09d}.bin"
-        if blob.exists() and hashlib.sha256(blob.read_bytes()).hexdigest() != rec["sha256"]:
-            return records, f"payload of record {rec['seq']} does not match its SHA-256"
+        if blob.exists():
+            if hashlib.sha256(blob.read_bytes()).hexdigest() != rec["sha256"]:
+                return records, f"payload of record {rec['seq']} does not match its SHA-256"
+        elif require_blobs:
+            return records, f"payload of record {rec['seq']} is missing"
         records.append(rec)
         prev = rec["hash"]
     return records, None
@@ -107,19 +138,77 @@ def uniformity_z(lanes: np.ndarray, bits: int) -> float:
     return ((chi2 / df) ** (1 / 3) - (1 - 2 / (9 * df))) / math.sqrt(2 / (9 * df))
 
 
-def audit(directory: str | Path) -> tuple[str, bool]:
-    """A human-readable account of what the server received, and whether the chain holds."""
+def check_meta(directory: Path, records: list[dict]) -> tuple[dict, str | None]:
+    """session.json, checked against its last chained copy."""
+    chained = [r for r in records if r["kind"] == "session-meta"]
+    if not chained:
+        return {}, "no session metadata in the chain"
+    path = directory / "session.json"
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return {}, "session.json is missing"
+    if hashlib.sha256(data).hexdigest() != chained[-1]["sha256"]:
+        return {}, "session.json differs from the copy in the chain"
+    try:
+        return json.loads(data), None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return {}, "session.json is not JSON"
+
+
+def check_receipts(records: list[dict], meta: dict, paths) -> list[str]:
+    """Each receipt's signature, and that the transcript still holds the head it signed."""
+    problems, keys = [], set()
+    session = bytes.fromhex(meta.get("session_id", ""))
+    for path in paths:
+        try:
+            receipts = json.loads(Path(path).read_text())
+            receipts = receipts if isinstance(receipts, list) else [receipts]
+            for r in receipts:
+                public = bytes.fromhex(r["server_public"])
+                message = receipt_message(session, int(r["round"]), int(r["records"]), r["head"])
+                verify(public, bytes.fromhex(r["signature"]), message, "the server")
+                keys.add(public)
+                count = int(r["records"])
+                if count > len(records):
+                    problems.append(
+                        f"{path}: round {r['round']} receipt covers {count} records, "
+                        f"the transcript has {len(records)}"
+                    )
+                elif count < 1 or records[count - 1]["hash"] != r["head"]:
+                    problems.append(f"{path}: round {r['round']} receipt does not match record {count - 1}")
+        except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            problems.append(f"{path}: not a receipt file ({exc.__class__.__name__})")
+        except SecAggError:
+            problems.append(f"{path}: a receipt's signature is not the server's for this session")
+    if meta.get("server_public") and keys - {bytes.fromhex(meta["server_public"])}:
+        problems.append("receipts signed by a key other than the server identity in session.json")
+    return problems
+
+
+def audit(directory: str | Path, receipts=()) -> tuple[str, bool]:
+    """A human-readable account of what the server received, and whether it is intact."""
     from secagg.ring import unpack
 
     from .wire import federation_pb2 as pb
 
     directory = Path(directory)
     records, error = read_records(directory)
-    meta_path = directory / "session.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    meta, meta_error = check_meta(directory, records) if error is None else ({}, None)
+    if meta.get("store_payloads") and error is None:
+        records, error = read_records(directory, require_blobs=True)
+    error = error or meta_error
+    if error is None and not records:
+        error = "the transcript is empty"
     mode = meta.get("mode", "?")
     lines = [f"audit of {directory}: {len(records)} records, mode {mode}"]
     lines.append("hash chain: " + ("intact" if error is None else f"BROKEN: {error}"))
+    problems = check_receipts(records, meta, receipts) if receipts else []
+    if receipts:
+        lines.append(
+            f"receipts: {len(receipts)} file(s), "
+            + ("all match the transcript" if not problems else "MISMATCH: " + "; ".join(problems))
+        )
     table: dict[tuple[str, object], dict] = {}
     chunks: dict[tuple[str, object], list[bytes]] = {}
     for rec in records:
@@ -127,13 +216,13 @@ def audit(directory: str | Path) -> tuple[str, bool]:
         row["bytes"] += rec["size"]
         row["kinds"][rec["kind"]] = row["kinds"].get(rec["kind"], 0) + 1
         blob = directory / "blobs" / f"{rec['seq']:09d}.bin"
-        if rec["kind"] == "chunk" and blob.exists():
+        if rec["kind"] == "chunk" and blob.exists() and error is None:
             msg = pb.ClientMessage.FromString(blob.read_bytes())
             chunks.setdefault((rec["sender"], rec["round"]), []).append(msg.chunk.data)
     lines.append("")
     lines.append("| client | round | bytes | messages | what the server can read |")
     lines.append("|---|---|---|---|---|")
-    verdict_ok = error is None
+    verdict_ok = error is None and not problems
     bits = int(meta.get("lane_bits", 1))
     for (sender, rnd), row in sorted(table.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1]))):
         kinds = ", ".join(f"{k}×{n}" for k, n in sorted(row["kinds"].items()))

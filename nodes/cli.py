@@ -262,6 +262,12 @@ def _add_nodes(sub) -> None:
     p.add_argument("--insecure", action="store_true", help="no TLS (loopback only)")
     p.add_argument("--save-model", default="", metavar="DIR")
     p.add_argument("--connect-timeout-s", type=float, default=60.0)
+    p.add_argument(
+        "--receipts",
+        default="",
+        metavar="FILE",
+        help="keep the server's signed receipts here (default: the fedprune cache)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.set_defaults(func=_cmd_client)
 
@@ -279,6 +285,13 @@ def _add_nodes(sub) -> None:
 
     p = sub.add_parser("audit", help="show what the server received, from its transcript")
     p.add_argument("dir", help="the server's audit directory")
+    p.add_argument(
+        "--receipt",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a client's receipts file (repeatable): the transcript must still hold every signed head",
+    )
     p.set_defaults(func=_cmd_audit)
 
     p = sub.add_parser(
@@ -348,6 +361,7 @@ def _cmd_client(args) -> int:
         insecure=args.insecure,
         save_model=args.save_model,
         connect_timeout_s=args.connect_timeout_s,
+        receipts=args.receipts,
     )
     run_client(cfg, log=_log, hooks=args.client_hooks)
     return 0
@@ -375,7 +389,7 @@ def _cmd_certs(args) -> int:
 def _cmd_audit(args) -> int:
     from .audit import audit
 
-    text, ok = audit(args.dir)
+    text, ok = audit(args.dir, args.receipt)
     print(text)
     return 0 if ok else 1
 

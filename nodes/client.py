@@ -8,6 +8,7 @@ applies the final mask it receives, and can save its pruned model.
 from __future__ import annotations
 
 import hashlib
+import json
 import queue
 import threading
 import time
@@ -19,16 +20,18 @@ import grpc
 import numpy as np
 import torch
 
+from fedprune.assets import cache_dir
 from fedprune.config import PruneConfig
 from fedprune.data import load_text, sample_windows, tokenize
 from fedprune.models import fingerprint, layout, load_model, prunable_weights
 from fedprune.strategies import ClientPruner, local_pruning_masks
 from secagg import ClientSession, SessionConfig
 from secagg.errors import SecAggError
-from secagg.keys import sign
+from secagg.keys import sign, verify
 
 from .admission import PROTOCOL_VERSION, hello_message
-from .files import atomic_write_dir
+from .audit import receipt_message
+from .files import atomic_write_dir, atomic_write_text
 from .identity import load_identity
 from .wire import convert
 from .wire import federation_pb2 as pb
@@ -60,6 +63,7 @@ class ClientConfig:
     insecure: bool = False
     save_model: str = ""
     connect_timeout_s: float = 60.0
+    receipts: str = ""  # where to keep the server's signed receipts; "": the fedprune cache
 
 
 def _channel(cfg: ClientConfig) -> grpc.Channel:
@@ -173,6 +177,7 @@ class _Session:
         self.received: dict[int, list[bytes]] = {}
         self.ranges: dict[int, tuple[int, int]] = {}
         self.result: dict | None = None
+        self.receipts: list[dict] = []
 
     def send(self, **body) -> None:
         self.outgoing.put(pb.ClientMessage(**body))
@@ -309,6 +314,36 @@ class _Session:
             block = next(s.block for s in self.lay.slots if s.offset == offset)
             self.pruner.advance(block)
 
+    def on_receipt(self, receipt) -> None:
+        """Keep the server's signed transcript head: later, an audit can be checked against it."""
+        public = receipt.server_public
+        if self.receipts and public.hex() != self.receipts[0]["server_public"]:
+            raise ClientFailed("the server signed a receipt with a different identity key")
+        message = receipt_message(self.session_id, receipt.round, receipt.records, receipt.head)
+        try:
+            verify(public, receipt.signature, message, "the server")
+        except SecAggError as exc:
+            raise ClientFailed(
+                f"the server's receipt for round {receipt.round} is not signed correctly"
+            ) from exc
+        self.receipts.append(
+            {
+                "session_id": self.session_id.hex(),
+                "round": receipt.round,
+                "records": receipt.records,
+                "head": receipt.head,
+                "server_public": public.hex(),
+                "signature": receipt.signature.hex(),
+            }
+        )
+        path = Path(
+            self.cfg.receipts
+            or cache_dir() / "receipts" / f"{self.session_id.hex()}-{self.cfg.client_id}.json"
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(self.receipts, indent=2))
+        self.receipts_path = path
+
     def on_finished(self, _finished) -> None:
         cfg, lm, final = self.cfg, self.lm, self.final
         digest = hashlib.sha256(np.packbits(final, bitorder="little").tobytes()).hexdigest()
@@ -320,6 +355,8 @@ class _Session:
 
             atomic_write_dir(cfg.save_model, fill)
         self.log(f"{cfg.client_id}: finished; final mask sha256 {digest[:16]}…, sparsity {final.mean():.3f}")
+        if self.receipts:
+            self.log(f"{cfg.client_id}: {len(self.receipts)} signed receipts kept in {self.receipts_path}")
         self.result = {"final_mask_sha256": digest, "sparsity": float(final.mean())}
 
     def on_abort(self, abort) -> None:

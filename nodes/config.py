@@ -46,6 +46,7 @@ class ServerConfig:
     neighbours: int = 0  # 0: complete graph
     chunk_elems: int = 1 << 20
     roster: dict[str, str] = field(default_factory=dict)  # client id -> Ed25519 public key (hex)
+    identity: str = ""  # Ed25519 key (fedprune keys) that signs receipts; "": a fresh one per run
     tls_cert: str = ""
     tls_key: str = ""
     client_ca: str = ""

@@ -131,6 +131,8 @@ def start_federation(
                 str(certs / f"{c}.crt"),
                 "--tls-key",
                 str(certs / f"{c}.tls.key"),
+                "--receipts",
+                str(run_dir / "receipts" / f"{c}.json"),
                 *(client_args or {}).get(c, []),
             ],
             stderr=subprocess.PIPE,

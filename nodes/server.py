@@ -23,6 +23,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedprune.config import PruneConfig, parse_nm
 from fedprune.errors import VoteCountError
@@ -31,13 +32,14 @@ from fedprune.strategies import apply_vote_counts, layer_salts
 from fedprune.wanda import check_vote_counts
 from secagg import ServerSession, SessionConfig, default_threshold, lane_bits_for
 from secagg.errors import SecAggError
+from secagg.keys import raw_public, sign
 from secagg.messages import ConsistencySignature, MaskedChunk
 
 from .admission import ID_PATTERN, Admission, Refusal, refusal_record
-from .audit import Transcript
+from .audit import Transcript, receipt_message
 from .config import ServerConfig
 from .files import atomic_write_bytes, atomic_write_dir, atomic_write_text
-from .identity import parse_public_hex
+from .identity import load_identity, parse_public_hex
 from .staging import ChunkStaging
 from .wire import convert
 from .wire import federation_pb2 as pb
@@ -82,6 +84,9 @@ class FederationServer(pb_grpc.FederationServicer):
         self.fingerprint = bytes.fromhex(fingerprint(self.lm.model))
         self.timings = {"load_model": time.perf_counter() - t0}
         self.transcript = Transcript(cfg.audit_dir, cfg.store_payloads)
+        # The identity that signs receipts: a configured key, or one made for this run (its
+        # public half is in session.json, inside the chain).
+        self.identity = load_identity(cfg.identity) if cfg.identity else Ed25519PrivateKey.generate()
         self.events: queue.Queue = queue.Queue()
         self.links: dict[str, _Link] = {}
         self._lock = threading.Lock()
@@ -255,6 +260,8 @@ class FederationServer(pb_grpc.FederationServicer):
                 "threat_model": cfg.threat_model,
                 "session_id": self.session_id.hex(),
                 "fingerprint": self.fingerprint.hex(),
+                "server_public": raw_public(self.identity.public_key()).hex(),
+                "store_payloads": cfg.store_payloads,
                 "decoded": [],
             },
         )
@@ -292,6 +299,7 @@ class FederationServer(pb_grpc.FederationServicer):
             for slot in slots:
                 final[slot.offset : slot.offset + slot.numel] = masks[slot.name].flatten().cpu().numpy()
             self._broadcast_mask(rnd, final[offset : offset + length])
+            self._send_receipt(rnd)
             self.rounds.append(
                 {
                     "round": rnd,
@@ -563,6 +571,20 @@ class FederationServer(pb_grpc.FederationServicer):
             last = start + MASK_CHUNK_BITS >= len(mask)
             for cid in self._alive():
                 self.links[cid].send(final_mask=pb.FinalMask(round=rnd, offset=start, data=part, last=last))
+
+    def _send_receipt(self, rnd: int) -> None:
+        """Sign the transcript's head and give every client a copy to keep (see nodes.audit)."""
+        records, head = self.transcript.head()
+        signature = sign(self.identity, receipt_message(self.session_id, rnd, records, head))
+        receipt = pb.Receipt(
+            round=rnd,
+            records=records,
+            head=head,
+            server_public=raw_public(self.identity.public_key()),
+            signature=signature,
+        )
+        for cid in self._alive():
+            self.links[cid].send(receipt=receipt)
 
     def _evaluate(self) -> dict[str, float]:
         from fedprune.data import eval_windows, load_text, source_label, tokenize

@@ -465,3 +465,71 @@ def test_a_client_killed_mid_upload_is_dropped_and_the_round_completes(world):
     assert report["rounds"][0]["contributors"] == ["a", "b"] and report["rounds"][0]["dropped"] == ["c"]
     assert report["final_mask_sha256"] == plain_ab["final_mask_sha256"]
     assert not list((run_dir / "out").glob(".staging-*"))  # staged chunks are cleaned up
+
+
+def _rechain(audit_dir, keep):
+    """Rewrite a transcript keeping the records ``keep`` selects, with a fresh valid chain and
+    its blobs renumbered to match: what a careful forger would do."""
+    from nodes.audit import GENESIS, _record_hash
+
+    path, blobs = audit_dir / "transcript.jsonl", audit_dir / "blobs"
+    kept = [r for r in map(json.loads, path.read_text().splitlines()) if keep(r)]
+    payloads = [(blobs / f"{r['seq']:09d}.bin").read_bytes() for r in kept]
+    for blob in blobs.glob("*.bin"):
+        blob.unlink()
+    prev, out = GENESIS, []
+    for i, (rec, payload) in enumerate(zip(kept, payloads, strict=True)):
+        rec.update(seq=i, prev=prev)
+        rec["hash"] = _record_hash(rec)
+        prev = rec["hash"]
+        out.append(json.dumps(rec, sort_keys=True))
+        (blobs / f"{i:09d}.bin").write_bytes(payload)
+    path.write_text("".join(line + "\n" for line in out))
+
+
+def test_receipts_catch_what_the_chain_alone_cannot(world):
+    import shutil
+
+    from nodes.audit import audit
+
+    code, codes, report, logs, run_dir = _run(world, "receipts", strategy="iterative")
+    assert code == 0 and not any(codes.values())
+    receipts = sorted(str(p) for p in (run_dir / "receipts").glob("*.json"))
+    assert len(receipts) == 3 and len(json.loads(open(receipts[0]).read())) == 2  # one per round
+    assert audit(run_dir / "audit", receipts)[1]
+
+    def tampered(name, change):
+        copy = run_dir.parent / f"tampered-{name}"
+        shutil.copytree(run_dir / "audit", copy)
+        change(copy)
+        return audit(copy)[1], audit(copy, receipts)[1]
+
+    def drop_last(d):
+        p = d / "transcript.jsonl"
+        p.write_text("".join(line + "\n" for line in p.read_text().splitlines()[:-1]))
+
+    def cut_tail(d):
+        p = d / "transcript.jsonl"
+        p.write_text("".join(line + "\n" for line in p.read_text().splitlines()[:-12]))
+
+    def remove_a_chunk(d):
+        _rechain(d, lambda r: not (r["kind"] == "chunk" and r["sender"] == "a"))
+
+    cases = {  # name: (detected without receipts, detected with receipts)
+        "cut-tail": (cut_tail, False, True),
+        "delete-last-record": (drop_last, False, True),
+        "rechain-without-a-record": (remove_a_chunk, False, True),
+        "empty": (lambda d: (d / "transcript.jsonl").write_text(""), True, True),
+        "delete-blob": (lambda d: next((d / "blobs").glob("*.bin")).unlink(), True, True),
+        "edit-session-json": (
+            lambda d: (d / "session.json").write_text(
+                (d / "session.json").read_text().replace("secure", "plain")
+            ),
+            True,
+            True,
+        ),
+    }
+    for name, (change, without, with_receipts) in cases.items():
+        ok_plain, ok_receipts = tampered(name, change)
+        assert ok_plain is not without, f"{name} without receipts"
+        assert ok_receipts is not with_receipts, f"{name} with receipts"
