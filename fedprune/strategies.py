@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from .config import PruneConfig
 from .models import block_linears, decoder_blocks, layout, prunable_weights
 from .propagation import BlockRunner
-from .selection import apply_mask, scale_retained, select_final_mask
+from .selection import LayerSalts, apply_mask, scale_retained, select_final_mask, uses_reference_fill
 from .wanda import local_mask, wanda_scores
 
 Strategy = Literal["centralized", "one-shot", "iterative"]
@@ -121,26 +121,32 @@ def apply_vote_counts(
     counts: MaskSet,
     config: PruneConfig,
     num_clients: int,
-    salts: Mapping[str, int],
+    salts: LayerSalts,
 ) -> dict[str, torch.Tensor]:
     """The server's step for the layers in ``counts``: select, prune, optionally scale.
 
-    ``salts`` maps layer names to their index in the layout (seeds the random ties).
+    ``salts`` is the run's selection state from ``layer_salts`` (each layer's
+    index in the layout seeds its random ties; the reference tie-break draws
+    from its one fill generator, so ``counts`` must come in layout order).
     Returns the final masks.
     """
     weights = prunable_weights(model)
     final = {}
     for name, layer_counts in counts.items():
         weight = weights[name]
-        final[name] = select_final_mask(layer_counts, config, weight=weight, salt=salts[name])
+        fill = salts.reference_fill(name, config.seed) if uses_reference_fill(config) else None
+        final[name] = select_final_mask(
+            layer_counts, config, weight=weight, salt=salts[name], fill=fill
+        )
         apply_mask(weight, final[name])
         if config.weight_scaling:
             scale_retained(weight, layer_counts, num_clients)
     return final
 
 
-def layer_salts(model: nn.Module) -> dict[str, int]:
-    return {slot.name: index for index, slot in enumerate(layout(model).slots)}
+def layer_salts(model: nn.Module) -> LayerSalts:
+    """The selection state of one run over ``model`` (create one per run, select in order)."""
+    return LayerSalts([slot.name for slot in layout(model).slots])
 
 
 def prune(
