@@ -120,7 +120,9 @@ def select_final_mask(
     grouped_counts, k = _groups(counts, config)
     if uses_reference_fill(config):
         if fill is None:
-            raise PruningConfigError("the reference tie-break in the layer group needs the run's fill generator")
+            raise PruningConfigError(
+                "the reference tie-break in the layer group needs the run's fill generator"
+            )
         return _ungroup(_reference_fill(grouped_counts[0], k, fill).unsqueeze(0), shape, config)
     tie_key = _tie_key(counts, config, weight, salt)
     grouped_keys = None if tie_key is None else _groups(tie_key, config)[0]

@@ -149,9 +149,7 @@ def apply_vote_counts(
     for name, layer_counts in counts.items():
         weight = weights[name]
         fill = salts.reference_fill(name, config.seed) if uses_reference_fill(config) else None
-        final[name] = select_final_mask(
-            layer_counts, config, weight=weight, salt=salts[name], fill=fill
-        )
+        final[name] = select_final_mask(layer_counts, config, weight=weight, salt=salts[name], fill=fill)
         apply_mask(weight, final[name])
         if config.weight_scaling:
             scale_retained(weight, layer_counts, num_clients)
@@ -189,9 +187,7 @@ def prune(
     salts = layer_salts(model)
     timings = {"calibration": 0.0, "aggregation": 0.0, "selection": 0.0}
     start = time.perf_counter()
-    clients = [
-        ClientPruner(model, windows, config, stat_windows=stat_windows) for windows in client_windows
-    ]
+    clients = [ClientPruner(model, windows, config, stat_windows=stat_windows) for windows in client_windows]
     final_masks: dict[str, torch.Tensor] = {}
     num_blocks = len(decoder_blocks(model))
     for i in tqdm(range(num_blocks), desc=f"{strategy} pruning", unit="block", disable=not progress):

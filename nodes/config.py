@@ -72,9 +72,7 @@ class ServerConfig:
         if self.strategy not in ("one-shot", "iterative"):
             raise NodeConfigError(f"strategy must be one-shot or iterative, got {self.strategy!r}")
         if self.tie_break not in TIE_BREAKS:
-            raise NodeConfigError(
-                f"tie_break must be one of {', '.join(TIE_BREAKS)}, got {self.tie_break!r}"
-            )
+            raise NodeConfigError(f"tie_break must be one of {', '.join(TIE_BREAKS)}, got {self.tie_break!r}")
         if not 1 <= self.min_clients <= self.expected_clients:
             raise NodeConfigError("need 1 <= min_clients <= expected_clients")
         if len(self.roster) < self.min_clients:

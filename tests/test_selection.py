@@ -145,9 +145,7 @@ def test_reference_layer_fill_replays_the_global_randperm_sequence():
     layers = [_counts(24, 32, 5, s) for s in range(4)] + [torch.full((8, 8), 2, dtype=torch.int16)]
     cfg = PruneConfig(0.5, tie_break="reference", seed=3)
     salts = LayerSalts([f"l{i}" for i in range(len(layers))])
-    ours = [
-        select_final_mask(c, cfg, fill=salts.reference_fill(f"l{i}", 3)) for i, c in enumerate(layers)
-    ]
+    ours = [select_final_mask(c, cfg, fill=salts.reference_fill(f"l{i}", 3)) for i, c in enumerate(layers)]
     with torch.random.fork_rng():
         torch.manual_seed(3)
         for counts, mask in zip(layers, ours, strict=True):
