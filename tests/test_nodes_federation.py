@@ -267,3 +267,12 @@ def test_insecure_is_only_for_loopback(tmp_path, capsys):
 
     code = main(["server", "--insecure", "--listen", "0.0.0.0:5000", "--model", "x"])
     assert code == 2 and "loopback" in capsys.readouterr().err
+
+
+def test_reference_tie_break_runs_in_the_federation(world):
+    """One fill generator across the server's rounds (one per block), layers in order."""
+    server_code, codes, report, logs, _ = _run(
+        world, "ties-reference", mode="plain", strategy="iterative", server_toml=['tie_break = "reference"']
+    )
+    assert server_code == 0 and not any(codes.values()), logs["server"].get("lines", [])[-5:]
+    assert report["sparsity"] == 0.5
