@@ -8,9 +8,11 @@ from typing import Literal
 from .errors import PruningConfigError
 
 ComparisonGroup = Literal["layer", "row", "column"]
-TieBreak = Literal["random", "magnitude"]
+TieBreak = Literal["random", "magnitude", "index", "reference"]
+StatsMode = Literal["batched", "reference"]
 COMPARISON_GROUPS: tuple[ComparisonGroup, ...] = ("layer", "row", "column")
-TIE_BREAKS: tuple[TieBreak, ...] = ("random", "magnitude")
+TIE_BREAKS: tuple[TieBreak, ...] = ("random", "magnitude", "index", "reference")
+STATS_MODES: tuple[StatsMode, ...] = ("batched", "reference")
 
 
 @dataclass(frozen=True)
@@ -19,11 +21,19 @@ class PruneConfig:
 
     ``nm`` = (n, m) prunes n of every m consecutive input weights (N:M sparsity);
     then ``sparsity`` must equal n/m and selection happens inside each M-group.
+
+    ``tie_break`` orders weights with equal vote counts (see ``selection``):
+    ``random`` (seeded per layer), ``magnitude`` (smaller |W| first), ``index``
+    (lowest index first) or ``reference`` (the reference code: lowest index for
+    row/column, a ``randperm`` fill from one generator for layer).
+    ``stats`` is how Wanda's input norms are accumulated (see ``wanda``):
+    ``batched`` (fast) or ``reference`` (window by window, as the reference).
     """
 
     sparsity: float
     comparison_group: ComparisonGroup = "layer"
     tie_break: TieBreak = "random"
+    stats: StatsMode = "batched"
     weight_scaling: bool = False
     nm: tuple[int, int] | None = None
     seed: int = 0
@@ -40,6 +50,10 @@ class PruneConfig:
         if self.tie_break not in TIE_BREAKS:
             raise PruningConfigError(
                 f"unknown tie-break {self.tie_break!r}; choose one of {', '.join(TIE_BREAKS)}"
+            )
+        if self.stats not in STATS_MODES:
+            raise PruningConfigError(
+                f"unknown statistics mode {self.stats!r}; choose one of {', '.join(STATS_MODES)}"
             )
         if self.batch_size < 1:
             raise PruningConfigError("batch size must be at least 1")

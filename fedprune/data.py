@@ -126,23 +126,55 @@ def source_label(source: str) -> str:
     return Path(source).stem
 
 
-def tokenize(tokenizer, text: str) -> torch.Tensor:
-    """The text as one 1-D tensor of token ids (no special tokens added)."""
-    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+def tokenize(tokenizer, text: str, *, special_tokens: bool = False) -> torch.Tensor:
+    """The text as one 1-D tensor of token ids.
+
+    Without ``special_tokens`` nothing is added; with them the tokenizer adds
+    what it adds by default (LLaMA: a BOS token in front), as the reference's
+    ``tokenizer(text, return_tensors='pt')`` does.
+    """
+    ids = tokenizer(text, add_special_tokens=special_tokens, verbose=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
 
 
-def sample_windows(token_ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
-    """``nsamples`` windows of ``seqlen`` tokens, each at a random start (as the reference)."""
+def _draw_windows(token_ids: torch.Tensor, nsamples: int, seqlen: int, rng: random.Random) -> torch.Tensor:
     if nsamples < 1:
         raise DataError("nsamples must be at least 1")
     if len(token_ids) < seqlen + 2:
         raise DataError(
             f"the calibration text has {len(token_ids)} tokens, too short for windows of {seqlen} tokens"
         )
-    rng = random.Random(seed)
     starts = [rng.randint(0, len(token_ids) - seqlen - 1) for _ in range(nsamples)]
     return torch.stack([token_ids[s : s + seqlen] for s in starts])
+
+
+def sample_windows(token_ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """``nsamples`` windows of ``seqlen`` tokens, each at a random start (as the reference:
+    ``random.seed(seed)``, then ``random.randint(0, len - seqlen - 1)`` per window)."""
+    return _draw_windows(token_ids, nsamples, seqlen, random.Random(seed))
+
+
+def reference_split(
+    token_ids: torch.Tensor, nsamples: int, seqlen: int, num_clients: int, seed: int
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The reference's calibration data and client split (``get_wikitext2`` and ``main.py``).
+
+    Windows are sampled as ``sample_windows`` does; then the same RNG, not
+    reseeded, shuffles them (``random.shuffle(dataloader)``) and client c gets
+    shuffled windows ``[c*n, (c+1)*n)`` with ``n = nsamples // num_clients`` (the
+    remainder is dropped). Returns (all windows in sampling order, which the
+    reference's centralized run uses, unshuffled; the clients' windows).
+    """
+    if num_clients < 1:
+        raise DataError("the number of clients must be at least 1")
+    if nsamples < num_clients:
+        raise DataError(f"{nsamples} calibration windows cannot be split across {num_clients} clients")
+    rng = random.Random(seed)
+    windows = _draw_windows(token_ids, nsamples, seqlen, rng)
+    order = list(range(nsamples))
+    rng.shuffle(order)
+    per_client = nsamples // num_clients
+    return windows, [windows[order[c * per_client : (c + 1) * per_client]] for c in range(num_clients)]
 
 
 def eval_windows(token_ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from .config import StatsMode
 from .models import block_linears, decoder_blocks
 from .wanda import InputNormStats
 
@@ -78,7 +79,9 @@ class BlockRunner:
         return torch.cat(outs)
 
     @torch.no_grad()
-    def collect_stats(self, index: int, hidden: torch.Tensor) -> dict[str, InputNormStats]:
+    def collect_stats(
+        self, index: int, hidden: torch.Tensor, mode: StatsMode = "batched"
+    ) -> dict[str, InputNormStats]:
         """Input-norm statistics of every linear layer of block ``index`` on these inputs.
 
         Pre-hooks record each linear's input; once every linear of the block has
@@ -87,7 +90,7 @@ class BlockRunner:
         """
         block = self.blocks[index]
         linears = block_linears(block)
-        stats = {name: InputNormStats(mod.in_features, self.device) for name, mod in linears.items()}
+        stats = {name: InputNormStats(mod.in_features, self.device, mode) for name, mod in linears.items()}
         seen: set[str] = set()
 
         def record(name: str, inputs: tuple) -> None:

@@ -22,6 +22,7 @@ from .data import (
     load_text,
     partition_dirichlet,
     partition_iid,
+    reference_split,
     sample_windows,
     source_label,
     tokenize,
@@ -31,7 +32,8 @@ from .evaluation import perplexity
 from .models import LoadedModel, prunable_weights
 from .strategies import STRATEGIES, Aggregate, plain_sum, prune
 
-Partition = Literal["iid", "source", "dirichlet"]
+Partition = Literal["iid", "source", "dirichlet", "reference"]
+PARTITIONS: tuple[Partition, ...] = ("iid", "source", "dirichlet", "reference")
 
 
 @dataclass(frozen=True)
@@ -57,8 +59,8 @@ class DataConfig:
             raise DataError(
                 f"{self.nsamples} calibration windows cannot be split across {self.clients} clients"
             )
-        if self.partition not in ("iid", "source", "dirichlet"):
-            raise DataError(f"unknown partition {self.partition!r}")
+        if self.partition not in PARTITIONS:
+            raise DataError(f"unknown partition {self.partition!r}; choose one of {', '.join(PARTITIONS)}")
         for source in (*self.calib, *self.eval_sources):
             check_source(source)
 
@@ -91,18 +93,35 @@ class RunSpec:
 
 @dataclass
 class PreparedData:
+    """The clients' calibration windows, the pooled windows of the centralized
+    baseline (the clients' windows together; with ``reference`` partition, all
+    sampled windows in sampling order, as the reference's centralized run), and
+    the evaluation windows per source."""
+
     client_windows: list[torch.Tensor]
     eval_sets: dict[str, torch.Tensor]
+    pooled_windows: torch.Tensor
 
 
 def prepare_data(lm: LoadedModel, data: DataConfig) -> PreparedData:
-    """Tokenize the sources, sample calibration windows, split them, cut eval windows."""
+    """Tokenize the sources, sample calibration windows, split them, cut eval windows.
+
+    The ``reference`` partition also tokenizes as the reference does, with the
+    tokenizer's special tokens (a BOS in front for LLaMA), calibration and evaluation.
+    """
     if data.seqlen > lm.max_context:
         raise DataError(f"seqlen {data.seqlen} exceeds the model's context of {lm.max_context} tokens")
-    texts = [tokenize(lm.tokenizer, load_text(src, "calibration")) for src in data.calib]
-    if data.partition == "iid":
-        pooled = torch.cat(texts)
-        windows = sample_windows(pooled, data.nsamples, data.seqlen, data.seed)
+    special = data.partition == "reference"
+    texts = [
+        tokenize(lm.tokenizer, load_text(src, "calibration"), special_tokens=special) for src in data.calib
+    ]
+    sampled: torch.Tensor | None = None  # the reference's centralized windows, in sampling order
+    if data.partition == "reference":
+        sampled, clients = reference_split(
+            torch.cat(texts), data.nsamples, data.seqlen, data.clients, data.seed
+        )
+    elif data.partition == "iid":
+        windows = sample_windows(torch.cat(texts), data.nsamples, data.seqlen, data.seed)
         clients = partition_iid(windows, data.clients, data.seed)
     elif data.partition == "source":
         if len(texts) != data.clients:
@@ -120,9 +139,9 @@ def prepare_data(lm: LoadedModel, data: DataConfig) -> PreparedData:
         clients = partition_dirichlet(windows, data.clients, data.alpha, data.seed)
     eval_sets = {}
     for src in data.eval_sources:
-        ids = tokenize(lm.tokenizer, load_text(src, "evaluation"))
+        ids = tokenize(lm.tokenizer, load_text(src, "evaluation"), special_tokens=special)
         eval_sets[source_label(src)] = eval_windows(ids, data.seqlen, data.eval_windows)
-    return PreparedData(clients, eval_sets)
+    return PreparedData(clients, eval_sets, torch.cat(clients) if sampled is None else sampled)
 
 
 class WeightSnapshot:
@@ -153,12 +172,15 @@ def run_spec(
 ) -> dict:
     """Prune with one spec (model left pruned), evaluate, and return the report entry."""
     entry: dict = {"label": spec.label, "strategy": spec.strategy, "config": asdict(spec.prune)}
+    nsamples = len(data.pooled_windows)
     if spec.strategy == "local-only":
         snapshot = WeightSnapshot(lm)
         per_client, sparsities, times = [], [], []
         for windows in data.client_windows:
             snapshot.restore(lm)
-            result = prune(lm.model, [windows], spec.prune, "centralized", progress=progress)
+            result = prune(
+                lm.model, [windows], spec.prune, "centralized", progress=progress, nsamples=nsamples
+            )
             times.append(result.timings["prune_total"])
             sparsities.append(result.sparsity()[0])
             per_client.append(evaluate(lm, data.eval_sets, progress))
@@ -172,8 +194,15 @@ def run_spec(
         entry["sparsity"] = statistics.fmean(sparsities)
         entry["timings"] = {"prune_total": sum(times), "prune_per_client_mean": statistics.fmean(times)}
         return entry
+    parties = [data.pooled_windows] if spec.strategy == "centralized" else data.client_windows
     result = prune(
-        lm.model, data.client_windows, spec.prune, spec.strategy, aggregate=aggregate, progress=progress
+        lm.model,
+        parties,
+        spec.prune,
+        spec.strategy,
+        aggregate=aggregate,
+        progress=progress,
+        nsamples=nsamples,
     )
     global_sparsity, per_layer = result.sparsity()
     t0 = time.perf_counter()

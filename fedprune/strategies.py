@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from .config import PruneConfig
 from .models import block_linears, decoder_blocks, layout, prunable_weights
 from .propagation import BlockRunner
-from .selection import apply_mask, scale_retained, select_final_mask
+from .selection import LayerSalts, apply_mask, scale_retained, select_final_mask, uses_reference_fill
 from .wanda import local_mask, wanda_scores
 
 Strategy = Literal["centralized", "one-shot", "iterative"]
@@ -75,8 +75,19 @@ class ClientPruner:
     clients (or a network client) can use the same model object.
     """
 
-    def __init__(self, model: nn.Module, windows: torch.Tensor, config: PruneConfig) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        windows: torch.Tensor,
+        config: PruneConfig,
+        *,
+        stat_windows: int | None = None,
+    ) -> None:
+        """``stat_windows``: count the statistics over this many windows, the missing
+        ones as zero windows (``InputNormStats.pad_to``, the reference's one-shot divisor).
+        """
         self.config = config
+        self.stat_windows = stat_windows
         self.blocks = decoder_blocks(model)
         self.runner = BlockRunner(model, config.batch_size)
         self.hidden = self.runner.embed(windows)
@@ -84,7 +95,10 @@ class ClientPruner:
     def local_masks(self, index: int) -> dict[str, torch.Tensor]:
         """Wanda masks of block ``index`` from this party's activations (full layer names)."""
         linears = block_linears(self.blocks[index])
-        stats = self.runner.collect_stats(index, self.hidden)
+        stats = self.runner.collect_stats(index, self.hidden, self.config.stats)
+        if self.stat_windows is not None:
+            for layer_stats in stats.values():
+                layer_stats.pad_to(self.stat_windows)
         masks = {}
         for name, linear in linears.items():
             scores = wanda_scores(linear.weight.data, stats[name].sq_norm)
@@ -128,26 +142,30 @@ def apply_vote_counts(
     counts: MaskSet,
     config: PruneConfig,
     num_clients: int,
-    salts: Mapping[str, int],
+    salts: LayerSalts,
 ) -> dict[str, torch.Tensor]:
     """The server's step for the layers in ``counts``: select, prune, optionally scale.
 
-    ``salts`` maps layer names to their index in the layout (seeds the random ties).
+    ``salts`` is the run's selection state from ``layer_salts`` (each layer's
+    index in the layout seeds its random ties; the reference tie-break draws
+    from its one fill generator, so ``counts`` must come in layout order).
     Returns the final masks.
     """
     weights = prunable_weights(model)
     final = {}
     for name, layer_counts in counts.items():
         weight = weights[name]
-        final[name] = select_final_mask(layer_counts, config, weight=weight, salt=salts[name])
+        fill = salts.reference_fill(name, config.seed) if uses_reference_fill(config) else None
+        final[name] = select_final_mask(layer_counts, config, weight=weight, salt=salts[name], fill=fill)
         apply_mask(weight, final[name])
         if config.weight_scaling:
             scale_retained(weight, layer_counts, num_clients)
     return final
 
 
-def layer_salts(model: nn.Module) -> dict[str, int]:
-    return {slot.name: index for index, slot in enumerate(layout(model).slots)}
+def layer_salts(model: nn.Module) -> LayerSalts:
+    """The selection state of one run over ``model`` (create one per run, select in order)."""
+    return LayerSalts([slot.name for slot in layout(model).slots])
 
 
 def prune(
@@ -158,18 +176,25 @@ def prune(
     *,
     aggregate: Aggregate = plain_sum,
     progress: bool = True,
+    nsamples: int | None = None,
 ) -> PruneResult:
     """Prune ``model`` in place with one strategy; ``client_windows[c]`` is client c's data.
 
-    Centralized pools all windows into one party.
+    Centralized pools all windows into one party. With ``stats="reference"``,
+    centralized and one-shot parties divide their statistics by ``nsamples``
+    (default: all clients' windows together), as the reference's zero-padded
+    buffers do; iterative clients divide by their own count, as it does there.
     """
     if strategy == "centralized":
         client_windows = [torch.cat(list(client_windows))]
     num_clients = len(client_windows)
+    stat_windows = None
+    if config.stats == "reference" and strategy != "iterative":
+        stat_windows = nsamples if nsamples is not None else sum(len(w) for w in client_windows)
     salts = layer_salts(model)
     timings = {"calibration": 0.0, "aggregation": 0.0, "selection": 0.0}
     start = time.perf_counter()
-    clients = [ClientPruner(model, windows, config) for windows in client_windows]
+    clients = [ClientPruner(model, windows, config, stat_windows=stat_windows) for windows in client_windows]
     final_masks: dict[str, torch.Tensor] = {}
     num_blocks = len(decoder_blocks(model))
     for i in tqdm(range(num_blocks), desc=f"{strategy} pruning", unit="block", disable=not progress):

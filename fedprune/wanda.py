@@ -9,28 +9,60 @@ from __future__ import annotations
 
 import torch
 
-from .config import PruneConfig
+from .config import PruneConfig, StatsMode
 from .errors import PruningConfigError, VoteCountError
 
 
 class InputNormStats:
     """Running mean over calibration sequences of the squared input norm per input channel.
 
-    Matches the reference's ``scaler_row``: after N sequences it holds
-    ``sum_tokens x_j^2 / N`` in float32, whatever the batch sizes were.
+    Matches the reference's ``scaler_row`` (``WrappedGPT.add_batch``): after N
+    sequences it holds ``sum_tokens x_j^2 / N`` in float32. Two accumulations:
+
+    - ``batched`` (default): one update per batch, ``x.pow(2).sum`` over all its
+      tokens; equal to the reference up to float rounding, whatever the batch sizes.
+    - ``reference``: one update per window, in window order, with the reference's
+      own operations (``scaler *= n/(n+1)``, then ``+= norm(x, p=2)**2 / (n+1)``),
+      so the result is the reference's bit for bit given the same inputs.
     """
 
-    def __init__(self, columns: int, device: torch.device) -> None:
+    def __init__(self, columns: int, device: torch.device, mode: StatsMode = "batched") -> None:
         self.sq_norm = torch.zeros(columns, dtype=torch.float32, device=device)
         self.nsamples = 0
+        self.mode = mode
 
     def add_batch(self, inputs: torch.Tensor) -> None:
         """Add a batch of layer inputs shaped (batch, tokens, columns) or (tokens, columns)."""
-        batch = inputs.shape[0] if inputs.dim() == 3 else 1
+        if inputs.dim() == 2:
+            inputs = inputs.unsqueeze(0)
+        if self.mode == "reference":
+            for window in inputs:
+                self._add_window(window)
+            return
+        batch = inputs.shape[0]
         flat = inputs.reshape(-1, inputs.shape[-1]).float()
         self.sq_norm *= self.nsamples / (self.nsamples + batch)
         self.nsamples += batch
         self.sq_norm += flat.pow(2).sum(dim=0) / self.nsamples
+
+    def _add_window(self, window: torch.Tensor) -> None:
+        channels_first = window.reshape(-1, window.shape[-1]).t().float()
+        self.sq_norm *= self.nsamples / (self.nsamples + 1)
+        self.nsamples += 1
+        self.sq_norm += torch.norm(channels_first, p=2, dim=1) ** 2 / self.nsamples
+
+    def pad_to(self, total: int) -> None:
+        """Count all-zero windows until ``total`` windows are counted.
+
+        The reference's one-shot and local clients keep every client's
+        activations in a buffer of ``nsamples`` windows, its own first and zeros
+        after, and run all of them: the zeros add nothing (a LLaMA block without
+        biases maps zeros to zeros) but count in the mean. The update per zero
+        window is the reference's (its ``+= 0`` is exact and left out).
+        """
+        while self.nsamples < total:
+            self.sq_norm *= self.nsamples / (self.nsamples + 1)
+            self.nsamples += 1
 
 
 def wanda_scores(weight: torch.Tensor, sq_norm: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,9 @@ import sys
 import time
 from pathlib import Path
 
+from fedprune.config import STATS_MODES, TIE_BREAKS
 from fedprune.errors import FedPruneError
+from fedprune.simulate import PARTITIONS
 from secagg.errors import SecAggError
 
 from .client import ClientFailed
@@ -61,7 +63,19 @@ def _add_simulate(sub) -> None:
         "--strategy", default="one-shot", choices=["centralized", "local-only", "one-shot", "iterative"]
     )
     p.add_argument("--group", default="layer", choices=["layer", "row", "column"], help="comparison group")
-    p.add_argument("--tie-break", default="random", choices=["random", "magnitude"])
+    p.add_argument(
+        "--tie-break",
+        default="random",
+        choices=list(TIE_BREAKS),
+        help="order of equal vote counts: random (seeded), magnitude, index (lowest first), "
+        "reference (the reference code's rules)",
+    )
+    p.add_argument(
+        "--stats",
+        default="batched",
+        choices=list(STATS_MODES),
+        help="Wanda input norms: batched (fast) or reference (per window, the reference's divisor)",
+    )
     p.add_argument("--weight-scaling", action="store_true", help="scale kept weights by (m - votes)/m")
     p.add_argument("--nm", default=None, help="N:M semi-structured sparsity, e.g. 2:4")
     p.add_argument(
@@ -71,7 +85,12 @@ def _add_simulate(sub) -> None:
         metavar="SOURCE",
         help="calibration sources: embedded, wikitext2, ptb, c4, or .txt/.jsonl files",
     )
-    p.add_argument("--partition", default="iid", choices=["iid", "source", "dirichlet"])
+    p.add_argument(
+        "--partition",
+        default="iid",
+        choices=list(PARTITIONS),
+        help="client split; reference: the reference code's tokens, sampling and shuffle",
+    )
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (partition dirichlet)")
     p.add_argument("--eval", default="embedded", help="comma-separated eval sources (names or files)")
     p.add_argument("--eval-file", action="append", default=[], metavar="PATH", help="extra eval text file")
@@ -106,6 +125,7 @@ def _cmd_simulate(args) -> int:
         sparsity=args.sparsity,
         comparison_group=args.group,
         tie_break=args.tie_break,
+        stats=args.stats,
         weight_scaling=args.weight_scaling,
         nm=parse_nm(args.nm) if args.nm else None,
         seed=args.seed,

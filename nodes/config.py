@@ -7,6 +7,8 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from fedprune.config import TIE_BREAKS
+
 
 class NodeConfigError(Exception):
     """A configuration value is missing, malformed or unsafe."""
@@ -79,6 +81,8 @@ class ServerConfig:
             raise NodeConfigError("threshold and neighbours must be non-negative")
         if self.strategy not in ("one-shot", "iterative"):
             raise NodeConfigError(f"strategy must be one-shot or iterative, got {self.strategy!r}")
+        if self.tie_break not in TIE_BREAKS:
+            raise NodeConfigError(f"tie_break must be one of {', '.join(TIE_BREAKS)}, got {self.tie_break!r}")
         if not 1 <= self.min_clients <= self.expected_clients:
             raise NodeConfigError("need 1 <= min_clients <= expected_clients")
         if len(self.roster) < self.min_clients:

@@ -133,3 +133,33 @@ def test_empty_data_file(tiny_model_dir, tmp_path, capsys):
 def test_missing_output_directory(tiny_model_dir, text_file, tmp_path, capsys):
     code = main(_base(tiny_model_dir, text_file, tmp_path) + ["--json", str(tmp_path / "no" / "x.json")])
     assert code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_reference_options_run_and_are_reported(tiny_model_dir, text_file, tmp_path):
+    out = tmp_path / "out.json"
+    args = _base(tiny_model_dir, text_file, tmp_path) + [
+        "--nsamples",
+        "5",
+        "--strategy",
+        "one-shot",
+        "--tie-break",
+        "reference",
+        "--partition",
+        "reference",
+        "--stats",
+        "reference",
+        "--batch-size",
+        "1",
+        "--json",
+        str(out),
+    ]
+    assert main(args) == 0
+    run = json.loads(out.read_text())["runs"][0]
+    assert run["config"]["tie_break"] == "reference" and run["config"]["stats"] == "reference"
+    assert run["sparsity"] == 0.5
+
+
+def test_unknown_tie_break_is_refused(tiny_model_dir, text_file, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(_base(tiny_model_dir, text_file, tmp_path) + ["--tie-break", "lowest"])
+    assert exc.value.code == 2 and "invalid choice" in capsys.readouterr().err

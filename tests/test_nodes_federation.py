@@ -533,3 +533,12 @@ def test_receipts_catch_what_the_chain_alone_cannot(world):
         ok_plain, ok_receipts = tampered(name, change)
         assert ok_plain is not without, f"{name} without receipts"
         assert ok_receipts is not with_receipts, f"{name} with receipts"
+
+
+def test_reference_tie_break_runs_in_the_federation(world):
+    """One fill generator across the server's rounds (one per block), layers in order."""
+    server_code, codes, report, logs, _ = _run(
+        world, "ties-reference", mode="plain", strategy="iterative", server_toml=['tie_break = "reference"']
+    )
+    assert server_code == 0 and not any(codes.values()), logs["server"].get("lines", [])[-5:]
+    assert report["sparsity"] == 0.5

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from fedprune.config import PruneConfig
 from fedprune.errors import PruningConfigError
-from fedprune.selection import scale_retained, select_final_mask
+from fedprune.selection import LayerSalts, scale_retained, select_final_mask
 
 
 def _counts(rows, cols, clients, seed):
@@ -23,14 +23,15 @@ def _counts(rows, cols, clients, seed):
     clients=st.integers(1, 20),
     sparsity=st.floats(0.01, 0.99),
     group=st.sampled_from(["layer", "row", "column"]),
-    tie_break=st.sampled_from(["random", "magnitude"]),
+    tie_break=st.sampled_from(["random", "magnitude", "index", "reference"]),
     seed=st.integers(0, 1000),
 )
 def test_prunes_exactly_k_per_group(rows, cols, clients, sparsity, group, tie_break, seed):
     counts = _counts(rows, cols, clients, seed)
     weight = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
     cfg = PruneConfig(sparsity, comparison_group=group, tie_break=tie_break, seed=seed)
-    mask = select_final_mask(counts, cfg, weight=weight, salt=seed)
+    fill = LayerSalts(["w"]).reference_fill("w", seed)
+    mask = select_final_mask(counts, cfg, weight=weight, salt=seed, fill=fill)
     if group == "layer":
         assert int(mask.sum()) == int(rows * cols * sparsity)
     elif group == "row":
@@ -116,3 +117,56 @@ def test_weight_scaling_formula():
 def test_bad_config_is_rejected(kwargs):
     with pytest.raises(PruningConfigError):
         PruneConfig(**kwargs)
+
+
+@pytest.mark.parametrize("tie_break", ["index", "reference"])
+@pytest.mark.parametrize("group", ["row", "column"])
+def test_index_tie_break_is_the_references_stable_sort(group, tie_break):
+    counts = _counts(40, 56, 4, 11)
+    mask = select_final_mask(counts, PruneConfig(0.6, comparison_group=group, tie_break=tie_break))
+    metric = -counts.float()  # the reference: stable sort of -votes, the first k pruned
+    expected = torch.zeros_like(mask)
+    if group == "row":
+        expected.scatter_(1, torch.sort(metric, dim=-1, stable=True).indices[:, : int(56 * 0.6)], True)
+    else:
+        expected.scatter_(0, torch.sort(metric, dim=0, stable=True).indices[: int(40 * 0.6), :], True)
+    assert torch.equal(mask, expected)
+
+
+def test_index_tie_break_in_the_layer_group_takes_the_lowest_flat_index():
+    counts = _counts(30, 20, 3, 5)
+    mask = select_final_mask(counts, PruneConfig(0.45, tie_break="index"))
+    order = torch.sort(-counts.flatten().int(), stable=True).indices[: int(600 * 0.45)]
+    assert torch.equal(mask.flatten(), torch.zeros(600, dtype=torch.bool).index_fill_(0, order, True))
+
+
+def test_reference_layer_fill_replays_the_global_randperm_sequence():
+    """Layers in order draw from one generator exactly as the reference's torch.randperm."""
+    layers = [_counts(24, 32, 5, s) for s in range(4)] + [torch.full((8, 8), 2, dtype=torch.int16)]
+    cfg = PruneConfig(0.5, tie_break="reference", seed=3)
+    salts = LayerSalts([f"l{i}" for i in range(len(layers))])
+    ours = [select_final_mask(c, cfg, fill=salts.reference_fill(f"l{i}", 3)) for i, c in enumerate(layers)]
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        for counts, mask in zip(layers, ours, strict=True):
+            metric = -counts  # prune_fedprllm_layer, step for step
+            thresh = torch.sort(metric.flatten())[0][int(metric.numel() * 0.5)]
+            expected = metric < thresh
+            num_to_select = int(metric.numel() * 0.5) - expected.sum().item()
+            indices = (metric == thresh).nonzero(as_tuple=False)
+            chosen = indices[torch.randperm(indices.size(0))[:num_to_select]]
+            expected[chosen[:, 0], chosen[:, 1]] = True
+            assert torch.equal(mask, expected)
+
+
+def test_reference_fill_refuses_layers_out_of_order():
+    salts = LayerSalts(["a", "b"])
+    with pytest.raises(PruningConfigError, match="layout order"):
+        salts.reference_fill("b", 0)
+    with pytest.raises(PruningConfigError, match="fill generator"):
+        select_final_mask(_counts(4, 4, 2, 0), PruneConfig(0.5, tie_break="reference"))
+
+
+def test_unknown_stats_mode_is_a_config_error():
+    with pytest.raises(PruningConfigError, match="statistics mode"):
+        PruneConfig(0.5, stats="fast")  # type: ignore[arg-type]

@@ -64,3 +64,34 @@ def test_selection_of_k_smallest_matches_a_stable_sort_even_with_ties():
         expected = torch.zeros_like(scores, dtype=torch.bool)
         expected.scatter_(1, torch.sort(scores, dim=1, stable=True).indices[:, :k], True)
         assert torch.equal(smallest_per_row(scores, k), expected)
+
+
+def _reference_scaler_row(windows: torch.Tensor, nsamples: int) -> torch.Tensor:
+    """WrappedGPT.add_batch of the reference, one (1, tokens, columns) window per call,
+    then zero windows up to ``nsamples`` (its zero-padded buffer)."""
+    scaler_row = torch.zeros(windows.shape[-1])
+    count = 0
+    for j in range(nsamples):
+        inp = windows[j : j + 1] if j < len(windows) else torch.zeros_like(windows[:1])
+        tmp = inp.shape[0]
+        inp = inp.reshape((-1, inp.shape[-1])).t()
+        scaler_row *= count / (count + tmp)
+        count += tmp
+        inp = inp.type(torch.float32)
+        scaler_row += torch.norm(inp, p=2, dim=1) ** 2 / count
+    return scaler_row
+
+
+def test_reference_stats_are_the_references_scaler_row_bit_for_bit():
+    gen = torch.Generator().manual_seed(4)
+    acts = torch.randn(7, 33, 48, generator=gen) * torch.rand(48, generator=gen) * 30
+    stats = InputNormStats(48, torch.device("cpu"), "reference")
+    stats.add_batch(acts[:3])
+    stats.add_batch(acts[3:])
+    assert torch.equal(stats.sq_norm, _reference_scaler_row(acts, 7))
+    stats.pad_to(12)  # a one-shot client of the reference divides by nsamples
+    assert stats.nsamples == 12
+    assert torch.equal(stats.sq_norm, _reference_scaler_row(acts, 12))
+    batched = InputNormStats(48, torch.device("cpu"))
+    batched.add_batch(acts)
+    torch.testing.assert_close(batched.sq_norm, _reference_scaler_row(acts, 7))
