@@ -24,9 +24,13 @@ class InputNormStats:
         self.sq_norm = torch.zeros(columns, dtype=torch.float32, device=device)
         self.nsamples = 0
 
-    def add_batch(self, inputs: torch.Tensor) -> None:
-        """Add a batch of layer inputs shaped (batch, tokens, columns) or (tokens, columns)."""
-        batch = inputs.shape[0] if inputs.dim() == 3 else 1
+    def add_batch(self, inputs: torch.Tensor, sequences: int | None = None) -> None:
+        """Add a batch of layer inputs shaped (batch, tokens, columns) or (tokens, columns).
+
+        ``sequences`` overrides how many calibration sequences the rows came from
+        (an MoE expert's inputs are the routed subset of a batch's tokens).
+        """
+        batch = sequences if sequences is not None else inputs.shape[0] if inputs.dim() == 3 else 1
         flat = inputs.reshape(-1, inputs.shape[-1]).float()
         self.sq_norm *= self.nsamples / (self.nsamples + batch)
         self.nsamples += batch
