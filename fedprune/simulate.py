@@ -15,6 +15,7 @@ from typing import Literal
 
 import torch
 
+from .architectures import block_sparsity
 from .config import PruneConfig
 from .data import (
     check_source,
@@ -155,12 +156,13 @@ def run_spec(
     entry: dict = {"label": spec.label, "strategy": spec.strategy, "config": asdict(spec.prune)}
     if spec.strategy == "local-only":
         snapshot = WeightSnapshot(lm)
-        per_client, sparsities, times = [], [], []
+        per_client, sparsities, block_sparsities, times = [], [], [], []
         for windows in data.client_windows:
             snapshot.restore(lm)
             result = prune(lm.model, [windows], spec.prune, "centralized", progress=progress)
             times.append(result.timings["prune_total"])
             sparsities.append(result.sparsity()[0])
+            block_sparsities.append(block_sparsity(lm.model).all_matrices)
             per_client.append(evaluate(lm, data.eval_sets, progress))
         entry["perplexity"] = {
             label: statistics.fmean(p[label] for p in per_client) for label in data.eval_sets
@@ -170,6 +172,7 @@ def run_spec(
         }
         entry["perplexity_per_client"] = per_client
         entry["sparsity"] = statistics.fmean(sparsities)
+        entry["sparsity_all_block_matrices"] = statistics.fmean(block_sparsities)
         entry["timings"] = {"prune_total": sum(times), "prune_per_client_mean": statistics.fmean(times)}
         return entry
     result = prune(
@@ -179,6 +182,7 @@ def run_spec(
     t0 = time.perf_counter()
     entry["perplexity"] = evaluate(lm, data.eval_sets, progress)
     entry["sparsity"] = global_sparsity
+    entry["sparsity_all_block_matrices"] = block_sparsity(lm.model).all_matrices
     entry["sparsity_per_layer"] = per_layer
     entry["timings"] = {**result.timings, "evaluation": time.perf_counter() - t0}
     return entry

@@ -252,3 +252,18 @@ def test_unsupported_expert_layout_is_refused():
         block.mlp.experts.is_transposed = True
     with pytest.raises(ModelError, match=r"experts\.gate_up_proj"):
         layout(model)
+
+
+def test_simulation_report_gives_sparsity_over_all_block_matrices():
+    from fedprune.models import LoadedModel
+    from fedprune.simulate import PreparedData, RunSpec, run_spec
+
+    lm = LoadedModel(model=make_model("mixtral"), tokenizer=None, spec="tiny-mixtral")
+    windows = _windows()
+    data = PreparedData(client_windows=[windows[:3], windows[3:]], eval_sets={"calib": windows})
+    entry = run_spec(lm, data, RunSpec("one-shot", PruneConfig(sparsity=0.5)), progress=False)
+    cov = coverage(lm.model)
+    assert entry["sparsity"] == pytest.approx(0.5)
+    # the dense router counts in the denominator only
+    assert entry["sparsity_all_block_matrices"] == pytest.approx(0.5 * cov.fraction, abs=1e-3)
+    assert entry["sparsity_all_block_matrices"] < entry["sparsity"]
