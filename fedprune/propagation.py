@@ -32,12 +32,19 @@ class _StopForward(Exception):
 
 
 class _Catcher(nn.Module):
-    """Stands in for block 0: records its input and keyword arguments, then stops."""
+    """Stands in for one block: records its input and keyword arguments.
 
-    def __init__(self, block: nn.Module) -> None:
+    A catcher stands in for every block at once, passing its input on unchanged,
+    so that each block's own arguments are recorded (Gemma 2 and Qwen2/3 give
+    sliding-window and full-attention layers different masks); the last one
+    stops the forward pass.
+    """
+
+    def __init__(self, block: nn.Module, last: bool) -> None:
         super().__init__()
         self.block = block
-        if hasattr(block, "attention_type"):  # Mistral/Qwen2 pick masks by this attribute
+        self.last = last
+        if hasattr(block, "attention_type"):  # some models pick masks by this attribute
             self.attention_type = block.attention_type
         self.hidden: torch.Tensor | None = None
         self.kwargs: dict | None = None
@@ -45,7 +52,9 @@ class _Catcher(nn.Module):
     def forward(self, *args, **kwargs):
         self.hidden = args[0] if args else kwargs.pop("hidden_states")
         self.kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "use_cache")}
-        raise _StopForward
+        if self.last:
+            raise _StopForward
+        return self.hidden
 
 
 class BlockRunner:
@@ -55,17 +64,19 @@ class BlockRunner:
         self.model = model
         self.blocks = decoder_blocks(model)
         self.batch_size = batch_size
-        # Keyword arguments the model passes to its blocks (masks, position embeddings),
-        # per batch size: an eager-attention mask has a batch dimension, and the last
-        # batch may be smaller than the others.
-        self.block_kwargs: dict[int, dict] = {}
+        # Keyword arguments the model passes to each block (masks, position embeddings),
+        # by (block, batch size): an eager-attention mask has a batch dimension, and the
+        # last batch may be smaller than the others.
+        self.block_kwargs: dict[tuple[int, int], dict] = {}
         self.device = next(model.parameters()).device
 
     @torch.no_grad()
     def embed(self, windows: torch.Tensor) -> torch.Tensor:
         """Hidden states entering block 0 for every window: (n, seqlen, hidden)."""
-        catcher = _Catcher(self.blocks[0])
-        self.blocks[0] = catcher
+        last = len(self.blocks) - 1
+        catchers = [_Catcher(block, last=i == last) for i, block in enumerate(self.blocks)]
+        for i, catcher in enumerate(catchers):
+            self.blocks[i] = catcher
         outputs = []
         try:
             for batch in windows.split(self.batch_size):
@@ -73,16 +84,18 @@ class BlockRunner:
                     self.model(batch.to(self.device), use_cache=False)
                 except _StopForward:
                     pass
-                outputs.append(catcher.hidden)
-                self.block_kwargs.setdefault(len(batch), catcher.kwargs)
+                outputs.append(catchers[0].hidden)
+                for i, catcher in enumerate(catchers):
+                    self.block_kwargs.setdefault((i, len(batch)), catcher.kwargs)
         finally:
-            self.blocks[0] = catcher.block
+            for i, catcher in enumerate(catchers):
+                self.blocks[i] = catcher.block
         return torch.cat(outputs)
 
-    def _run(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    def _run(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
         outs = []
         for batch in hidden.split(self.batch_size):
-            out = block(batch, **self.block_kwargs[len(batch)])
+            out = self.blocks[index](batch, **self.block_kwargs[index, len(batch)])
             outs.append(out[0] if isinstance(out, tuple) else out)
         return torch.cat(outs)
 
@@ -136,7 +149,7 @@ class BlockRunner:
                 seen.clear()
                 sequences = batch.shape[0]
                 try:
-                    block(batch, **self.block_kwargs[len(batch)])
+                    block(batch, **self.block_kwargs[index, len(batch)])
                 except _StopForward:
                     pass
         finally:
@@ -155,7 +168,7 @@ class BlockRunner:
             for name, mask in (masks or {}).items():
                 dense[name] = matrices[name].clone()
                 matrices[name].masked_fill_(mask.to(matrices[name].device), 0)
-            return self._run(self.blocks[index], hidden)
+            return self._run(index, hidden)
         finally:
             for name, weight in dense.items():
                 matrices[name].copy_(weight)

@@ -33,26 +33,28 @@ COMMON = dict(
 )
 
 
-def _config(arch: str):
+def _config(arch: str, **overrides):
     import transformers as tf
 
+    common = {**COMMON, **overrides}
+
     if arch == "llama-gqa":
-        return tf.LlamaConfig(**COMMON)
+        return tf.LlamaConfig(**common)
     if arch == "mistral":
-        return tf.MistralConfig(**COMMON, sliding_window=None)
+        return tf.MistralConfig(**common, sliding_window=None)
     if arch == "qwen2":
-        return tf.Qwen2Config(**COMMON)
+        return tf.Qwen2Config(**common)
     if arch == "qwen3":
-        return tf.Qwen3Config(**COMMON, head_dim=8)
+        return tf.Qwen3Config(**common, head_dim=8)
     if arch == "gemma2":
-        return tf.Gemma2Config(**COMMON, head_dim=8)
+        return tf.Gemma2Config(**common, head_dim=8)
     if arch == "phi3":
-        return tf.Phi3Config(**COMMON, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        return tf.Phi3Config(**common, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     if arch == "mixtral":
-        return tf.MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2)
+        return tf.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2)
     if arch == "qwen3-moe":
         return tf.Qwen3MoeConfig(
-            **COMMON, head_dim=8, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2
+            **common, head_dim=8, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2
         )
     if arch == "opt":
         return tf.OPTConfig(
@@ -75,11 +77,11 @@ ARCHS = ("llama-gqa", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "mixtral", 
 MOE = ("mixtral", "qwen3-moe")
 
 
-def make_model(arch: str, seed: int = 0) -> nn.Module:
+def make_model(arch: str, seed: int = 0, **overrides) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(_config(arch)).eval()
+    model = AutoModelForCausalLM.from_config(_config(arch, **overrides)).eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() >= 2:
@@ -174,7 +176,7 @@ def test_expert_statistics_come_from_routed_tokens_only(arch):
         stats = runner.collect_stats(0, hidden)
         # an independent full pass (batched the same way) to record what the bank really received
         for batch in hidden.split(4):
-            model.model.layers[0](batch, **runner.block_kwargs[len(batch)])
+            model.model.layers[0](batch, **runner.block_kwargs[0, len(batch)])
     finally:
         for h in handles:
             h.remove()
@@ -267,3 +269,17 @@ def test_simulation_report_gives_sparsity_over_all_block_matrices():
     # the dense router counts in the denominator only
     assert entry["sparsity_all_block_matrices"] == pytest.approx(0.5 * cov.fraction, abs=1e-3)
     assert entry["sparsity_all_block_matrices"] < entry["sparsity"]
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "qwen3", "opt", "mixtral"])
+def test_block_by_block_pass_matches_the_model(arch):
+    """Each block gets its own arguments (Gemma 2 alternates sliding-window and full attention)."""
+    overrides = {"sliding_window": 4, "num_hidden_layers": 3} if arch == "gemma2" else {}
+    model = make_model(arch, **overrides)
+    windows = _windows(n=5, seqlen=16)
+    runner = BlockRunner(model, batch_size=2)
+    hidden = runner.embed(windows)
+    expected = model(windows, output_hidden_states=True).hidden_states
+    for i in range(len(runner.blocks) - 1):
+        torch.testing.assert_close(hidden, expected[i], rtol=1e-4, atol=1e-5)
+        hidden = runner.forward(i, hidden)
