@@ -111,8 +111,11 @@ def test_layout_covers_the_blocks(arch):
         assert "model.layers.0.mlp.experts.gate_up_proj[3]" in {s.name for s in lay.slots}
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("strategy", ["centralized", "one-shot"])
+@pytest.mark.parametrize(
+    ("arch", "strategy"),
+    [(a, s) for s in ("centralized", "one-shot") for a in ARCHS]
+    + [(a, "iterative") for a in ("phi3", "mixtral", "qwen3-moe", "opt")],
+)
 def test_prune_reaches_target_sparsity_over_block_matrices(arch, strategy):
     model = make_model(arch)
     windows = _windows()
