@@ -68,11 +68,6 @@ class Layout:
         ]
 
 
-def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
-    """The ``nn.Linear`` modules of one block, in registration order (q,k,v,o,gate,up,down)."""
-    return {name: mod for name, mod in block.named_modules() if isinstance(mod, nn.Linear)}
-
-
 def block_weights(model: nn.Module, index: int) -> dict[str, torch.Tensor]:
     """Full slot name -> prunable 2-D weight of decoder block ``index`` (views for experts)."""
     prefix = f"{blocks_path(model)}.{index}."
