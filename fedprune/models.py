@@ -2,7 +2,8 @@
 
 Every party (server and clients) derives the same layout from the same model:
 the ordered list of prunable weights (every ``nn.Linear`` inside the decoder
-blocks; embeddings and ``lm_head`` excluded) with their offsets in the flat
+blocks, and each expert's slice of a fused MoE expert bank; embeddings and
+``lm_head`` excluded; see ``architectures``) with their offsets in the flat
 mask vector that the network carries. The fingerprint is a SHA-256 over those
 weights in layout order, so that parties can prove they hold the same model.
 """
@@ -20,6 +21,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from .architectures import block_matrices, blocks_path, check_coverage, decoder_blocks
 from .assets import SMOLLM2_GGUF, cache_dir, cache_lock, fetch_asset
 from .errors import ModelError
 
@@ -66,44 +68,38 @@ class Layout:
         ]
 
 
-def decoder_blocks(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks of a LLaMA/Mistral/Qwen2-style causal LM (``model.model.layers``)."""
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        raise ModelError(
-            f"{type(model).__name__} has no decoder blocks at model.model.layers "
-            "(supported: LLaMA, Mistral, Qwen2-style causal LMs)"
-        )
-    return layers
-
-
-def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
-    """The ``nn.Linear`` modules of one block, in registration order (q,k,v,o,gate,up,down)."""
-    return {name: mod for name, mod in block.named_modules() if isinstance(mod, nn.Linear)}
+def block_weights(model: nn.Module, index: int) -> dict[str, torch.Tensor]:
+    """Full slot name -> prunable 2-D weight of decoder block ``index`` (views for experts)."""
+    prefix = f"{blocks_path(model)}.{index}."
+    return {prefix + name: w for name, w in block_matrices(decoder_blocks(model)[index]).items()}
 
 
 def layout(model: nn.Module) -> Layout:
-    """Derive the stable vector layout of all prunable weights."""
+    """Derive the stable vector layout of all prunable weights.
+
+    Refuses (``ModelError``) a model whose prunable weights cover too little of
+    its decoder blocks (see ``architectures.check_coverage``).
+    """
+    check_coverage(model)
     slots: list[LayerSlot] = []
     offset = 0
-    for i, block in enumerate(decoder_blocks(model)):
-        linears = block_linears(block)
-        if not linears:
-            raise ModelError(f"decoder block {i} has no nn.Linear layers to prune")
-        for name, mod in linears.items():
-            rows, cols = mod.weight.shape
-            slots.append(LayerSlot(f"model.layers.{i}.{name}", i, (rows, cols), offset))
+    for i in range(len(decoder_blocks(model))):
+        for name, weight in block_weights(model, i).items():
+            rows, cols = weight.shape
+            slots.append(LayerSlot(name, i, (rows, cols), offset))
             offset += rows * cols
     return Layout(tuple(slots))
 
 
 def prunable_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Name -> weight parameter data for every slot of the layout, in layout order."""
+    """Name -> 2-D weight data for every slot of the layout, in layout order.
+
+    Expert slots are views into the fused 3-D parameter, so in-place writes
+    (``masked_fill_``, ``copy_``) reach the model.
+    """
     out: dict[str, torch.Tensor] = {}
-    for i, block in enumerate(decoder_blocks(model)):
-        for name, mod in block_linears(block).items():
-            out[f"model.layers.{i}.{name}"] = mod.weight.data
+    for i in range(len(decoder_blocks(model))):
+        out.update(block_weights(model, i))
     return out
 
 
@@ -214,5 +210,5 @@ def load_model(spec: str, dtype: str = "float32", device: Device = "cpu") -> Loa
     model.to(device)
     model.eval()
     model.config.use_cache = False
-    decoder_blocks(model)  # fail early with a clear message
+    check_coverage(model)  # fail early with a clear message
     return LoadedModel(model=model, tokenizer=tokenizer, spec=spec)

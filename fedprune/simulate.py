@@ -15,6 +15,7 @@ from typing import Literal
 
 import torch
 
+from .architectures import block_sparsity
 from .config import PruneConfig
 from .data import (
     check_source,
@@ -175,7 +176,7 @@ def run_spec(
     nsamples = len(data.pooled_windows)
     if spec.strategy == "local-only":
         snapshot = WeightSnapshot(lm)
-        per_client, sparsities, times = [], [], []
+        per_client, sparsities, block_sparsities, times = [], [], [], []
         for windows in data.client_windows:
             snapshot.restore(lm)
             result = prune(
@@ -183,6 +184,7 @@ def run_spec(
             )
             times.append(result.timings["prune_total"])
             sparsities.append(result.sparsity()[0])
+            block_sparsities.append(block_sparsity(lm.model).all_matrices)
             per_client.append(evaluate(lm, data.eval_sets, progress))
         entry["perplexity"] = {
             label: statistics.fmean(p[label] for p in per_client) for label in data.eval_sets
@@ -192,6 +194,7 @@ def run_spec(
         }
         entry["perplexity_per_client"] = per_client
         entry["sparsity"] = statistics.fmean(sparsities)
+        entry["sparsity_all_block_matrices"] = statistics.fmean(block_sparsities)
         entry["timings"] = {"prune_total": sum(times), "prune_per_client_mean": statistics.fmean(times)}
         return entry
     parties = [data.pooled_windows] if spec.strategy == "centralized" else data.client_windows
@@ -208,6 +211,7 @@ def run_spec(
     t0 = time.perf_counter()
     entry["perplexity"] = evaluate(lm, data.eval_sets, progress)
     entry["sparsity"] = global_sparsity
+    entry["sparsity_all_block_matrices"] = block_sparsity(lm.model).all_matrices
     entry["sparsity_per_layer"] = per_layer
     entry["timings"] = {**result.timings, "evaluation": time.perf_counter() - t0}
     return entry

@@ -27,8 +27,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .architectures import block_matrices, blocks_path
 from .config import PruneConfig
-from .models import block_linears, decoder_blocks, layout, prunable_weights
+from .models import decoder_blocks, layout, prunable_weights
 from .propagation import BlockRunner
 from .selection import LayerSalts, apply_mask, scale_retained, select_final_mask, uses_reference_fill
 from .wanda import local_mask, wanda_scores
@@ -89,27 +90,28 @@ class ClientPruner:
         self.config = config
         self.stat_windows = stat_windows
         self.blocks = decoder_blocks(model)
+        self.path = blocks_path(model)
         self.runner = BlockRunner(model, config.batch_size)
         self.hidden = self.runner.embed(windows)
 
     def local_masks(self, index: int) -> dict[str, torch.Tensor]:
         """Wanda masks of block ``index`` from this party's activations (full layer names)."""
-        linears = block_linears(self.blocks[index])
         stats = self.runner.collect_stats(index, self.hidden, self.config.stats)
         if self.stat_windows is not None:
             for layer_stats in stats.values():
                 layer_stats.pad_to(self.stat_windows)
+        prefix = f"{self.path}.{index}."
         masks = {}
-        for name, linear in linears.items():
-            scores = wanda_scores(linear.weight.data, stats[name].sq_norm)
-            masks[f"model.layers.{index}.{name}"] = local_mask(scores, self.config)
+        for name, weight in block_matrices(self.blocks[index]).items():
+            scores = wanda_scores(weight, stats[name].sq_norm)
+            masks[prefix + name] = local_mask(scores, self.config)
         return masks
 
     def advance(self, index: int, masks: MaskSet | None = None) -> None:
         """Propagate through block ``index`` (with ``masks`` applied for this pass only)."""
         if index == len(self.blocks) - 1:
             return  # the last block's outputs are never needed
-        prefix = f"model.layers.{index}."
+        prefix = f"{self.path}.{index}."
         short = {n[len(prefix) :]: m for n, m in (masks or {}).items()}
         self.hidden = self.runner.forward(index, self.hidden, short)
 

@@ -31,15 +31,21 @@ class InputNormStats:
         self.nsamples = 0
         self.mode = mode
 
-    def add_batch(self, inputs: torch.Tensor) -> None:
-        """Add a batch of layer inputs shaped (batch, tokens, columns) or (tokens, columns)."""
-        if inputs.dim() == 2:
-            inputs = inputs.unsqueeze(0)
-        if self.mode == "reference":
-            for window in inputs:
-                self._add_window(window)
-            return
-        batch = inputs.shape[0]
+    def add_batch(self, inputs: torch.Tensor, sequences: int | None = None) -> None:
+        """Add a batch of layer inputs shaped (batch, tokens, columns) or (tokens, columns).
+
+        ``sequences`` overrides how many calibration sequences the rows came from
+        (an MoE expert's inputs are the routed subset of a batch's tokens; they are
+        always accumulated batched).
+        """
+        if sequences is None:
+            if inputs.dim() == 2:
+                inputs = inputs.unsqueeze(0)
+            if self.mode == "reference":
+                for window in inputs:
+                    self._add_window(window)
+                return
+        batch = sequences if sequences is not None else inputs.shape[0]
         flat = inputs.reshape(-1, inputs.shape[-1]).float()
         self.sq_norm *= self.nsamples / (self.nsamples + batch)
         self.nsamples += batch

@@ -47,6 +47,7 @@ def test_simulate_writes_report_and_model(tiny_model_dir, text_file, tmp_path):
     report = json.loads(out.read_text())
     run = report["runs"][0]
     assert run["sparsity"] == 0.5
+    assert run["sparsity_all_block_matrices"] == 0.5  # a LLaMA block is all linears
     assert set(run["perplexity"]) == {"private"}
     assert run["timings"]["prune_total"] > 0
     assert (saved / "model.safetensors").exists()
