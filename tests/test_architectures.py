@@ -265,7 +265,9 @@ def test_simulation_report_gives_sparsity_over_all_block_matrices():
 
     lm = LoadedModel(model=make_model("mixtral"), tokenizer=None, spec="tiny-mixtral")
     windows = _windows()
-    data = PreparedData(client_windows=[windows[:3], windows[3:]], eval_sets={"calib": windows})
+    data = PreparedData(
+        client_windows=[windows[:3], windows[3:]], eval_sets={"calib": windows}, pooled_windows=windows
+    )
     entry = run_spec(lm, data, RunSpec("one-shot", PruneConfig(sparsity=0.5)), progress=False)
     cov = coverage(lm.model)
     assert entry["sparsity"] == pytest.approx(0.5)
