@@ -223,4 +223,6 @@ def study_grid(
                 for scaling in scalings if federated else (False,):
                     cfg = replace(base, sparsity=sparsity, comparison_group=group, weight_scaling=scaling)
                     specs.append(RunSpec(strategy, cfg))
+    if not specs:
+        raise PruningConfigError("the study grid is empty: name at least one strategy, group and sparsity")
     return specs

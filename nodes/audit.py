@@ -21,6 +21,11 @@ import numpy as np
 from .files import atomic_write_bytes, atomic_write_text
 
 GENESIS = "0" * 64
+LANE_BITS = (1, 2, 4, 8, 16)
+
+
+class AuditError(Exception):
+    """The audit directory cannot be read: missing, not text, or malformed metadata."""
 
 
 def _record_hash(record: dict) -> str:
@@ -79,13 +84,15 @@ def read_records(directory: str | Path) -> tuple[list[dict], str | None]:
     if not path.exists():
         return [], f"no transcript at {path}"
     records, prev = [], GENESIS
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    for lineno, line in enumerate(_read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
             return records, f"line {lineno} is not JSON"
+        if not _well_formed(rec):
+            return records, f"line {lineno} is not a transcript record"
         if rec.get("prev") != prev or _record_hash(rec) != rec.get("hash") or rec.get("seq") != len(records):
             return records, f"hash chain broken at line {lineno} (record {rec.get('seq')})"
         blob = Path(directory) / "blobs" / f"{rec['seq']:09d}.bin"
@@ -94,6 +101,44 @@ def read_records(directory: str | Path) -> tuple[list[dict], str | None]:
         records.append(rec)
         prev = rec["hash"]
     return records, None
+
+
+_FIELDS = {"seq": int, "sender": str, "kind": str, "size": int, "sha256": str, "prev": str, "hash": str}
+
+
+def _well_formed(rec: object) -> bool:
+    return (
+        isinstance(rec, dict)
+        and all(isinstance(rec.get(k), t) and not isinstance(rec.get(k), bool) for k, t in _FIELDS.items())
+        and (rec.get("round") is None or type(rec.get("round")) is int)
+    )
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise AuditError(f"{path} is not UTF-8 text (byte {exc.start}); not a fedprune transcript") from exc
+    except OSError as exc:
+        raise AuditError(f"cannot read {path}: {exc.strerror or exc}") from exc
+
+
+def _read_meta(path: Path) -> dict:
+    """session.json, checked: a JSON object whose lane width is one the ring supports."""
+    if not path.exists():
+        return {}
+    try:
+        meta = json.loads(_read_text(path))
+    except json.JSONDecodeError as exc:
+        raise AuditError(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno})") from exc
+    if not isinstance(meta, dict):
+        raise AuditError(f"{path} is not a JSON object")
+    bits = meta.get("lane_bits", 1)
+    if isinstance(bits, bool) or bits not in LANE_BITS:
+        raise AuditError(f"{path}: lane_bits must be one of {LANE_BITS}, got {bits!r}")
+    if not isinstance(meta.get("decoded", []), list):
+        raise AuditError(f"{path}: 'decoded' must be a list")
+    return meta
 
 
 def uniformity_z(lanes: np.ndarray, bits: int) -> float:
@@ -109,14 +154,17 @@ def uniformity_z(lanes: np.ndarray, bits: int) -> float:
 
 def audit(directory: str | Path) -> tuple[str, bool]:
     """A human-readable account of what the server received, and whether the chain holds."""
+    from google.protobuf.message import DecodeError
+
     from secagg.ring import unpack
 
     from .wire import federation_pb2 as pb
 
     directory = Path(directory)
+    if not (directory / "transcript.jsonl").is_file():
+        raise AuditError(f"no transcript at {directory} (expected the server's audit directory)")
+    meta = _read_meta(directory / "session.json")
     records, error = read_records(directory)
-    meta_path = directory / "session.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     mode = meta.get("mode", "?")
     lines = [f"audit of {directory}: {len(records)} records, mode {mode}"]
     lines.append("hash chain: " + ("intact" if error is None else f"BROKEN: {error}"))
@@ -128,7 +176,10 @@ def audit(directory: str | Path) -> tuple[str, bool]:
         row["kinds"][rec["kind"]] = row["kinds"].get(rec["kind"], 0) + 1
         blob = directory / "blobs" / f"{rec['seq']:09d}.bin"
         if rec["kind"] == "chunk" and blob.exists():
-            msg = pb.ClientMessage.FromString(blob.read_bytes())
+            try:
+                msg = pb.ClientMessage.FromString(blob.read_bytes())
+            except DecodeError as exc:
+                raise AuditError(f"{blob} is not a client message (payload of record {rec['seq']})") from exc
             chunks.setdefault((rec["sender"], rec["round"]), []).append(msg.chunk.data)
     lines.append("")
     lines.append("| client | round | bytes | messages | what the server can read |")
