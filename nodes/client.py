@@ -186,7 +186,8 @@ def _session(cfg, lm, lay, fp, windows, identity, inbox, outgoing, log) -> dict:
             t0 = time.perf_counter()
             if welcome.strategy == "one-shot":
                 masks = local_pruning_masks(lm.model, windows, prune_cfg)
-                vector = np.concatenate([masks[s.name].flatten().numpy() for s in lay.slots]).astype(np.uint8)
+                vector = np.concatenate([masks[s.name].cpu().flatten().numpy() for s in lay.slots])
+                vector = vector.astype(np.uint8)
             else:
                 pruner = ClientPruner(lm.model, windows, prune_cfg)
             log(f"{cfg.client_id}: local masks ready in {time.perf_counter() - t0:.1f} s")
@@ -200,7 +201,7 @@ def _session(cfg, lm, lay, fp, windows, identity, inbox, outgoing, log) -> dict:
                 block = next(s.block for s in lay.slots if s.offset == rs.offset)
                 masks = pruner.local_masks(block)
                 vector = np.concatenate(
-                    [masks[s.name].flatten().numpy() for s in lay.block_slots(block)]
+                    [masks[s.name].flatten().cpu().numpy() for s in lay.block_slots(block)]
                 ).astype(np.uint8)
             round_vector = (
                 vector if welcome.strategy == "iterative" else vector[rs.offset : rs.offset + rs.length]
