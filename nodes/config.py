@@ -57,9 +57,10 @@ def check_bindable(address: str) -> None:
 
 
 def check_readable_file(path: str, what: str) -> None:
-    if not Path(path).expanduser().is_file():
+    """The TLS files are read only once serving starts: check them before the model loads."""
+    if not Path(path).is_file():
         raise NodeConfigError(f"{what} file not found: {path}")
-    if not os.access(Path(path).expanduser(), os.R_OK):
+    if not os.access(path, os.R_OK):
         raise NodeConfigError(f"{what} file is not readable: {path}")
 
 
