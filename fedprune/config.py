@@ -7,6 +7,9 @@ from typing import Literal
 
 from .errors import PruningConfigError
 
+Partition = Literal["iid", "source", "dirichlet", "reference"]
+PARTITIONS: tuple[Partition, ...] = ("iid", "source", "dirichlet", "reference")
+
 ComparisonGroup = Literal["layer", "row", "column"]
 TieBreak = Literal["random", "magnitude", "index", "reference"]
 StatsMode = Literal["batched", "reference"]

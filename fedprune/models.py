@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,6 +190,21 @@ def resolve_spec(spec: str) -> tuple[str, dict]:
     return spec, {}  # a hub id; needs network unless already in the HF cache
 
 
+def _load_errors() -> tuple[type[BaseException], ...]:
+    """What transformers raises for a broken model file or config (GGUF parser, config checks)."""
+    errors: tuple[type[BaseException], ...] = (OSError, ValueError, KeyError, struct.error)
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+
+        errors += (StrictDataclassError,)
+    except ImportError:
+        pass
+    return errors
+
+
+_LOAD_ERRORS = _load_errors()
+
+
 def load_model(spec: str, dtype: str = "float32", device: Device = "cpu") -> LoadedModel:
     """Load a causal LM and its tokenizer from a spec (embedded name, hub id, dir, .gguf)."""
     if dtype not in DTYPES:
@@ -203,8 +219,10 @@ def load_model(spec: str, dtype: str = "float32", device: Device = "cpu") -> Loa
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], **extra)
         tokenizer = AutoTokenizer.from_pretrained(source, **extra)
-    except OSError as exc:
-        raise ModelError(f"cannot load model {spec!r}: {str(exc).splitlines()[0]}") from exc
+    except _LOAD_ERRORS as exc:  # an unreadable file the user named: not a bug of ours
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        reason = reason if len(reason) <= 300 else reason[:299] + "…"
+        raise ModelError(f"cannot load model {spec!r}: {reason}") from exc
     if "gguf_file" in extra:
         _drop_quantizer(model)
     model.to(device)

@@ -11,12 +11,11 @@ import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import Literal
 
 import torch
 
 from .architectures import block_sparsity
-from .config import PruneConfig
+from .config import PARTITIONS, Partition, PruneConfig
 from .data import (
     check_source,
     eval_windows,
@@ -32,9 +31,6 @@ from .errors import DataError, PruningConfigError
 from .evaluation import perplexity
 from .models import LoadedModel, prunable_weights
 from .strategies import STRATEGIES, Aggregate, plain_sum, prune
-
-Partition = Literal["iid", "source", "dirichlet", "reference"]
-PARTITIONS: tuple[Partition, ...] = ("iid", "source", "dirichlet", "reference")
 
 
 @dataclass(frozen=True)
@@ -256,4 +252,6 @@ def study_grid(
                 for scaling in scalings if federated else (False,):
                     cfg = replace(base, sparsity=sparsity, comparison_group=group, weight_scaling=scaling)
                     specs.append(RunSpec(strategy, cfg))
+    if not specs:
+        raise PruningConfigError("the study grid is empty: name at least one strategy, group and sparsity")
     return specs

@@ -29,6 +29,11 @@ from secagg.keys import verify
 from .files import atomic_write_bytes, atomic_write_text
 
 GENESIS = "0" * 64
+LANE_BITS = (1, 2, 4, 8, 16)
+
+
+class AuditError(Exception):
+    """The audit directory cannot be read: missing, not text, or malformed metadata."""
 
 
 def _record_hash(record: dict) -> str:
@@ -100,20 +105,16 @@ def read_records(directory: str | Path, require_blobs: bool = False) -> tuple[li
     path = Path(directory) / "transcript.jsonl"
     if not path.exists():
         return [], f"no transcript at {path}"
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        return [], f"unreadable transcript ({exc.__class__.__name__})"
     records, prev = [], GENESIS
-    for lineno, line in enumerate(text.splitlines(), 1):
+    for lineno, line in enumerate(_read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
             return records, f"line {lineno} is not JSON"
-        if not isinstance(rec, dict):
-            return records, f"line {lineno} is not a record"
+        if not _well_formed(rec):
+            return records, f"line {lineno} is not a transcript record"
         if rec.get("prev") != prev or _record_hash(rec) != rec.get("hash") or rec.get("seq") != len(records):
             return records, f"hash chain broken at line {lineno} (record {rec.get('seq')})"
         blob = Path(directory) / "blobs" / f"{rec['seq']:09d}.bin"
@@ -127,6 +128,44 @@ def read_records(directory: str | Path, require_blobs: bool = False) -> tuple[li
     return records, None
 
 
+_FIELDS = {"seq": int, "sender": str, "kind": str, "size": int, "sha256": str, "prev": str, "hash": str}
+
+
+def _well_formed(rec: object) -> bool:
+    return (
+        isinstance(rec, dict)
+        and all(isinstance(rec.get(k), t) and not isinstance(rec.get(k), bool) for k, t in _FIELDS.items())
+        and (rec.get("round") is None or type(rec.get("round")) is int)
+    )
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise AuditError(f"{path} is not UTF-8 text (byte {exc.start}); not a fedprune transcript") from exc
+    except OSError as exc:
+        raise AuditError(f"cannot read {path}: {exc.strerror or exc}") from exc
+
+
+def _read_meta(path: Path) -> dict:
+    """session.json, checked: a JSON object whose lane width is one the ring supports."""
+    if not path.exists():
+        return {}
+    try:
+        meta = json.loads(_read_text(path))
+    except json.JSONDecodeError as exc:
+        raise AuditError(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno})") from exc
+    if not isinstance(meta, dict):
+        raise AuditError(f"{path} is not a JSON object")
+    bits = meta.get("lane_bits", 1)
+    if isinstance(bits, bool) or bits not in LANE_BITS:
+        raise AuditError(f"{path}: lane_bits must be one of {LANE_BITS}, got {bits!r}")
+    if not isinstance(meta.get("decoded", []), list):
+        raise AuditError(f"{path}: 'decoded' must be a list")
+    return meta
+
+
 def uniformity_z(lanes: np.ndarray, bits: int) -> float:
     """Chi-square goodness of fit to the uniform distribution on 2^b values, as a z-score
     (Wilson-Hilferty); z < 3.1 means consistent with uniform at p = 0.001."""
@@ -138,22 +177,18 @@ def uniformity_z(lanes: np.ndarray, bits: int) -> float:
     return ((chi2 / df) ** (1 / 3) - (1 - 2 / (9 * df))) / math.sqrt(2 / (9 * df))
 
 
-def check_meta(directory: Path, records: list[dict]) -> tuple[dict, str | None]:
-    """session.json, checked against its last chained copy."""
+def check_meta(directory: Path, records: list[dict]) -> str | None:
+    """Whether session.json is its last chained copy (None if it is)."""
     chained = [r for r in records if r["kind"] == "session-meta"]
     if not chained:
-        return {}, "no session metadata in the chain"
-    path = directory / "session.json"
+        return "no session metadata in the chain"
     try:
-        data = path.read_bytes()
+        data = (directory / "session.json").read_bytes()
     except OSError:
-        return {}, "session.json is missing"
+        return "session.json is missing"
     if hashlib.sha256(data).hexdigest() != chained[-1]["sha256"]:
-        return {}, "session.json differs from the copy in the chain"
-    try:
-        return json.loads(data), None
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return {}, "session.json is not JSON"
+        return "session.json differs from the copy in the chain"
+    return None
 
 
 def check_receipts(records: list[dict], meta: dict, paths) -> list[str]:
@@ -188,13 +223,18 @@ def check_receipts(records: list[dict], meta: dict, paths) -> list[str]:
 
 def audit(directory: str | Path, receipts=()) -> tuple[str, bool]:
     """A human-readable account of what the server received, and whether it is intact."""
+    from google.protobuf.message import DecodeError
+
     from secagg.ring import unpack
 
     from .wire import federation_pb2 as pb
 
     directory = Path(directory)
+    if not (directory / "transcript.jsonl").is_file():
+        raise AuditError(f"no transcript at {directory} (expected the server's audit directory)")
+    meta = _read_meta(directory / "session.json")
     records, error = read_records(directory)
-    meta, meta_error = check_meta(directory, records) if error is None else ({}, None)
+    meta_error = check_meta(directory, records) if error is None else None
     if meta.get("store_payloads") and error is None:
         records, error = read_records(directory, require_blobs=True)
     error = error or meta_error
@@ -217,7 +257,10 @@ def audit(directory: str | Path, receipts=()) -> tuple[str, bool]:
         row["kinds"][rec["kind"]] = row["kinds"].get(rec["kind"], 0) + 1
         blob = directory / "blobs" / f"{rec['seq']:09d}.bin"
         if rec["kind"] == "chunk" and blob.exists() and error is None:
-            msg = pb.ClientMessage.FromString(blob.read_bytes())
+            try:
+                msg = pb.ClientMessage.FromString(blob.read_bytes())
+            except DecodeError as exc:
+                raise AuditError(f"{blob} is not a client message (payload of record {rec['seq']})") from exc
             chunks.setdefault((rec["sender"], rec["round"]), []).append(msg.chunk.data)
     lines.append("")
     lines.append("| client | round | bytes | messages | what the server can read |")

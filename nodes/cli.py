@@ -11,16 +11,32 @@ import sys
 import time
 from pathlib import Path
 
-from fedprune.config import STATS_MODES, TIE_BREAKS
-from fedprune.errors import FedPruneError
-from fedprune.simulate import PARTITIONS
-from secagg.errors import SecAggError
+from fedprune.config import PARTITIONS, STATS_MODES, TIE_BREAKS
 
-from .client import ClientFailed
-from .config import NodeConfigError
-from .files import OutputPathError
-from .identity import IdentityError
-from .server import FederationAborted
+# The error roots of every package: a user's mistake, printed as one line. Looked up
+# among the modules loaded so far, so that light commands (keys, certs, audit) need not
+# import torch; a module that was never imported cannot have raised its error.
+USER_ERRORS = (
+    ("fedprune.errors", "FedPruneError"),
+    ("secagg.errors", "SecAggError"),
+    ("nodes.audit", "AuditError"),
+    ("nodes.client", "ClientFailed"),
+    ("nodes.config", "NodeConfigError"),
+    ("nodes.demo", "DemoError"),
+    ("nodes.files", "OutputPathError"),
+    ("nodes.identity", "IdentityError"),
+    ("nodes.server", "FederationAborted"),
+    (__name__, "NodeUsageError"),
+)
+
+
+def is_user_error(exc: BaseException) -> bool:
+    for module, name in USER_ERRORS:
+        loaded = sys.modules.get(module)
+        if loaded is not None and isinstance(exc, getattr(loaded, name)):
+            return True
+    return False
+
 
 EXIT_USAGE = 2
 
@@ -115,12 +131,16 @@ def _cmd_simulate(args) -> int:
 
     from fedprune.config import PruneConfig, parse_nm
     from fedprune.errors import DataError
-    from fedprune.models import fingerprint, load_model
-    from fedprune.simulate import DataConfig, RunSpec, prepare_data, run_study, study_grid
 
-    from .files import atomic_write_bytes, atomic_write_dir, atomic_write_text, check_writable_parent
-    from .report import markdown_table, study_plot_png
+    from .files import (
+        atomic_write_bytes,
+        atomic_write_dir,
+        atomic_write_text,
+        check_output_dir,
+        check_output_file,
+    )
 
+    # The checks that need no torch come first: a mistake costs no import and no model run.
     base = PruneConfig(
         sparsity=args.sparsity,
         comparison_group=args.group,
@@ -133,9 +153,28 @@ def _cmd_simulate(args) -> int:
     )
     if args.eval_windows < 0:
         raise DataError("--eval-windows must be >= 0")
+    eval_sources = tuple(_csv(args.eval)) + tuple(args.eval_file)
+    if args.study:
+        if not eval_sources:
+            raise DataError("--study compares perplexities: name at least one --eval or --eval-file set")
+        sparsities = args.sparsities or [args.sparsity]
+        for s in sparsities:  # validate every sparsity before the long work
+            PruneConfig(**{**asdict(base), "sparsity": s})
+        out_dir = Path(args.out_dir)
+        check_output_dir(out_dir, "--out-dir")
+    if args.json:
+        check_output_file(args.json, "--json")
+    if args.save_model and not args.study:
+        check_output_dir(args.save_model, "--save-model")
+
+    from fedprune.models import fingerprint, load_model
+    from fedprune.simulate import DataConfig, RunSpec, prepare_data, run_study, study_grid
+
+    from .report import markdown_table, study_plot_png
+
     data_cfg = DataConfig(
         calib=tuple(args.calib),
-        eval_sources=tuple(_csv(args.eval)) + tuple(args.eval_file),
+        eval_sources=eval_sources,
         clients=args.clients,
         nsamples=args.nsamples,
         seqlen=args.seqlen,
@@ -145,17 +184,9 @@ def _cmd_simulate(args) -> int:
         seed=args.seed,
     )
     if args.study:
-        sparsities = args.sparsities or [args.sparsity]
         specs = study_grid(_csv(args.strategies), _csv(args.groups), args.scalings, sparsities, base)
-        for s in sparsities:  # validate every sparsity before the long work
-            PruneConfig(**{**asdict(base), "sparsity": s})
-        out_dir = Path(args.out_dir)
-        check_writable_parent(out_dir, "--out-dir")
     else:
         specs = [RunSpec(args.strategy, base)]
-    for path, what in ((args.json, "--json"), (args.save_model, "--save-model")):
-        if path:
-            check_writable_parent(path, what)
 
     progress = not args.no_progress
     if not progress:
@@ -330,8 +361,8 @@ def _add_nodes(sub) -> None:
 
 
 def _cmd_server(args) -> int:
-    from .config import load_server_config
-    from .server import FederationServer
+    from .config import check_bindable, load_server_config
+    from .files import check_output_dir
 
     overrides = {
         k.replace("-", "_"): v
@@ -343,6 +374,11 @@ def _cmd_server(args) -> int:
     if args.no_save_model:
         overrides["save_model"] = False
     cfg = load_server_config(args.config, overrides)
+    check_bindable(cfg.listen)
+    check_output_dir(cfg.audit_dir, "audit_dir", create_parents=True)
+    check_output_dir(cfg.output_dir, "output_dir", create_parents=True)
+    from .server import FederationServer  # torch and gRPC: only once the configuration holds
+
     report = FederationServer(cfg, log=_log).run()
     _log(
         f"done: final mask sha256 {report['final_mask_sha256']}, sparsity {report['sparsity']:.3f}, "
@@ -352,13 +388,36 @@ def _cmd_server(args) -> int:
 
 
 def _cmd_client(args) -> int:
-    from .client import ClientConfig, run_client
-    from .config import is_loopback
+    from .config import check_readable_file, is_loopback
+    from .files import check_output_dir
+    from .identity import check_client_id, load_identity
 
     if args.insecure and not is_loopback(args.server):
         raise NodeUsageError("--insecure is allowed only for a loopback server address")
     if not args.insecure and not (args.tls_ca and args.tls_cert and args.tls_key):
         raise NodeUsageError("TLS needs --tls-ca, --tls-cert and --tls-key (or --insecure on loopback)")
+    # Everything a user can get wrong is checked here, before the model is loaded.
+    check_client_id(args.id)
+    if args.nsamples < 1 or args.seqlen < 2 or args.batch_size < 1:
+        raise NodeUsageError("need --nsamples >= 1, --seqlen >= 2 and --batch-size >= 1")
+    if args.connect_timeout_s <= 0 or args.threads < 0:
+        raise NodeUsageError("need --connect-timeout-s > 0 and --threads >= 0")
+    load_identity(args.identity)
+    if not args.insecure:
+        for path, what in (
+            (args.tls_ca, "--tls-ca"),
+            (args.tls_cert, "--tls-cert"),
+            (args.tls_key, "--tls-key"),
+        ):
+            check_readable_file(path, what)
+    if args.save_model:
+        check_output_dir(args.save_model, "--save-model")
+    from fedprune.data import check_source  # torch from here on
+
+    from .client import ClientConfig, run_client
+
+    for source in args.data:
+        check_source(source)
     if args.threads:
         import torch
 
@@ -388,9 +447,10 @@ def _cmd_client(args) -> int:
 
 
 def _cmd_keys(args) -> int:
-    from .identity import write_identity
+    from .identity import check_output_directory, write_identity
 
     out = Path(args.out)
+    check_output_directory(out, args.ids)
     out.mkdir(parents=True, exist_ok=True)
     print("[roster]")
     for cid in args.ids:
@@ -447,17 +507,11 @@ def main(argv: list[str] | None = None, *, client_hooks=None) -> int:
     args.client_hooks = client_hooks
     try:
         return args.func(args)
-    except (
-        FedPruneError,
-        OutputPathError,
-        SecAggError,
-        NodeConfigError,
-        IdentityError,
-        ClientFailed,
-        FederationAborted,
-        NodeUsageError,
-    ) as exc:
-        print(f"fedprune: error: {exc}", file=sys.stderr)
+    except Exception as exc:
+        if not is_user_error(exc):
+            raise  # a bug: keep the traceback
+        message = " ".join(str(exc).split()) or type(exc).__name__  # always exactly one line
+        print(f"fedprune: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("fedprune: interrupted", file=sys.stderr)

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import ipaddress
+import os
+import socket
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from fedprune.config import TIE_BREAKS
+from secagg.messages import CHUNK_ALIGN
+
+from .identity import CLIENT_ID_PATTERN
 
 
 class NodeConfigError(Exception):
@@ -25,6 +30,39 @@ def is_loopback(address: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``host:port`` (IPv6 hosts in brackets) -> (host, port); NodeConfigError if malformed."""
+    host, sep, port = str(address).rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise NodeConfigError(f"listen address must look like host:port (port 0-65535), got {address!r}")
+    return host, int(port)
+
+
+def check_bindable(address: str) -> None:
+    """Fail before loading the model if the server could not listen on ``address``."""
+    host, port = split_address(address)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise NodeConfigError(f"cannot listen on {address}: unknown host {host!r}") from exc
+    family, kind, proto, _, sockaddr = infos[0]
+    try:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does
+            probe.bind(sockaddr)
+    except OSError as exc:
+        raise NodeConfigError(f"cannot listen on {address}: {exc.strerror or exc}") from exc
+
+
+def check_readable_file(path: str, what: str) -> None:
+    """The TLS files are read only once serving starts: check them before the model loads."""
+    if not Path(path).is_file():
+        raise NodeConfigError(f"{what} file not found: {path}")
+    if not os.access(path, os.R_OK):
+        raise NodeConfigError(f"{what} file is not readable: {path}")
 
 
 @dataclass(frozen=True)
@@ -71,6 +109,14 @@ class ServerConfig:
                 raise NodeConfigError("--insecure is allowed only on a loopback address")
         elif not (self.tls_cert and self.tls_key and self.client_ca):
             raise NodeConfigError("TLS needs tls_cert, tls_key and client_ca (or --insecure on loopback)")
+        else:
+            for path, what in (
+                (self.tls_cert, "tls_cert"),
+                (self.tls_key, "tls_key"),
+                (self.client_ca, "client_ca"),
+            ):
+                check_readable_file(path, what)
+        split_address(self.listen)
         if self.mode not in ("plain", "secure"):
             raise NodeConfigError(f"mode must be plain or secure, got {self.mode!r}")
         if self.threat_model not in ("honest-but-curious", "malicious"):
@@ -85,6 +131,14 @@ class ServerConfig:
             raise NodeConfigError(f"tie_break must be one of {', '.join(TIE_BREAKS)}, got {self.tie_break!r}")
         if not 1 <= self.min_clients <= self.expected_clients:
             raise NodeConfigError("need 1 <= min_clients <= expected_clients")
+        if not isinstance(self.roster, dict) or not all(isinstance(v, str) for v in self.roster.values()):
+            raise NodeConfigError('roster must be a table of "client id" = "public key hex" lines')
+        for cid in self.roster:
+            if not CLIENT_ID_PATTERN.fullmatch(cid):
+                raise NodeConfigError(
+                    f"invalid roster id {cid!r}: use 1-64 letters, digits, '.', '_' or '-', "
+                    "starting with a letter or digit"
+                )
         if len(self.roster) < self.min_clients:
             raise NodeConfigError(f"the roster lists {len(self.roster)} clients, fewer than min_clients")
         if self.weight_scaling:
@@ -96,6 +150,19 @@ class ServerConfig:
             raise NodeConfigError("max_pending_hellos must be at least 1")
         if self.join_deadline_s <= 0 or self.round_deadline_s <= 0 or self.hello_deadline_s <= 0:
             raise NodeConfigError("deadlines must be positive")
+        if (
+            isinstance(self.chunk_elems, bool)
+            or not isinstance(self.chunk_elems, int)
+            or self.chunk_elems < CHUNK_ALIGN
+            or self.chunk_elems % CHUNK_ALIGN
+        ):
+            # Plain mode packs 8 votes per byte and secure mode masks whole AES blocks:
+            # a chunk that is not aligned would split bytes (corrupting votes) or blocks.
+            raise NodeConfigError(
+                f"chunk_elems must be a positive multiple of {CHUNK_ALIGN}, got {self.chunk_elems!r}"
+            )
+        if self.eval_windows < 0 or self.eval_seqlen < 2:
+            raise NodeConfigError("need eval_windows >= 0 and eval_seqlen >= 2")
         return self
 
 
@@ -103,9 +170,13 @@ def load_server_config(path: str | None, overrides: dict) -> ServerConfig:
     data: dict = {}
     if path:
         try:
-            data = tomllib.loads(Path(path).read_text())
+            data = tomllib.loads(Path(path).read_bytes().decode("utf-8"))
         except FileNotFoundError as exc:
             raise NodeConfigError(f"config file not found: {path}") from exc
+        except OSError as exc:
+            raise NodeConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise NodeConfigError(f"{path}: not a UTF-8 text file (TOML expected)") from exc
         except tomllib.TOMLDecodeError as exc:
             raise NodeConfigError(f"{path}: invalid TOML ({exc})") from exc
     known = {f.name for f in fields(ServerConfig)}

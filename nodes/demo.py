@@ -16,11 +16,17 @@ import threading
 import time
 from pathlib import Path
 
+from fedprune.config import PruneConfig
 from fedprune.data import EMBEDDED_CORPUS, load_text
 from fedprune.models import resolve_spec
 
 from .audit import audit
+from .files import check_output_dir
 from .identity import make_certificates, write_identity
+
+
+class DemoError(Exception):
+    """A demo setting that cannot work (the command line prints it as one line)."""
 
 
 def _pump(proc: subprocess.Popen, prefix: str, found: dict, echo: bool) -> None:
@@ -158,13 +164,27 @@ def prepare_workdir(workdir: Path, clients: list[str]) -> None:
         (workdir / "data" / f"{c}.txt").write_text("\n".join(lines[i * per : (i + 1) * per]))
 
 
+def check_demo_args(args) -> None:
+    """Every setting checked before the workdir or any process exists."""
+    if args.clients < 2:
+        raise DemoError(f"a federation needs at least 2 clients, got --clients {args.clients}")
+    if args.clients > 64:
+        raise DemoError(f"the demo runs every client on this machine: at most 64, got {args.clients}")
+    if args.nsamples < 1 or args.seqlen < 2 or args.eval_windows < 0:
+        raise DemoError("need --nsamples >= 1, --seqlen >= 2 and --eval-windows >= 0")
+    PruneConfig(sparsity=args.sparsity)  # raises PruningConfigError when out of (0, 1)
+    if args.workdir:
+        check_output_dir(args.workdir, "--workdir", create_parents=True)
+
+
 def run_demo(args) -> int:
+    check_demo_args(args)
     clients = [f"org-{i + 1}" for i in range(args.clients)]
+    resolve_spec(args.model)  # fetch and convert the model once, before anything is written
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="fedprune-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"demo workdir: {workdir}", file=sys.stderr)
     prepare_workdir(workdir, clients)
-    resolve_spec(args.model)  # fetch and convert the model once, before the processes start
     modes = ["plain", "secure"] if args.mode == "both" else [args.mode]
     rows = []
     for mode in modes:

@@ -55,5 +55,36 @@ def check_writable_parent(path: str | os.PathLike, what: str) -> None:
         raise OutputPathError(f"{what} directory does not exist: {parent}")
 
 
+def check_output_file(path: str | os.PathLike, what: str) -> None:
+    """Fail before long work if a file cannot be (atomically) written at ``path``."""
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise OutputPathError(f"{what} names a directory, not a file: {path}")
+    check_writable_parent(target, what)
+    parent = target.resolve().parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputPathError(f"{what}: cannot write in {parent}")
+
+
+def check_output_dir(path: str | os.PathLike, what: str, *, create_parents: bool = False) -> None:
+    """Fail before long work if a directory cannot be created or written at ``path``.
+
+    With ``create_parents`` missing parents are fine (they will be created) as
+    long as the nearest existing ancestor is a writable directory.
+    """
+    target = Path(path).expanduser()
+    if target.exists() and not target.is_dir():
+        raise OutputPathError(f"{what} names an existing file, not a directory: {path}")
+    if not create_parents:
+        check_writable_parent(target, what)
+    ancestor = target.resolve()
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputPathError(f"{what}: {ancestor} is a file, not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise OutputPathError(f"{what}: cannot write in {ancestor}")
+
+
 class OutputPathError(Exception):
     """An output path cannot be written."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import re
+from collections.abc import Iterable
 from pathlib import Path
 
 from cryptography import x509
@@ -12,15 +14,47 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
 
-from .files import atomic_write_bytes, atomic_write_text
+from .files import OutputPathError, atomic_write_bytes, atomic_write_text, check_output_dir
 
 
 class IdentityError(Exception):
-    """An identity key or certificate file is missing or malformed."""
+    """An identity key or certificate file is missing or malformed, or a client id is unsafe."""
+
+
+# Client ids become file names (<id>.key, <id>.crt) and certificate common names:
+# no path separators, no leading dot or dash, bounded length.
+CLIENT_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+RESERVED_NAMES = {"server", "ca"}  # file names that 'fedprune certs' writes for itself
+
+
+def check_client_id(client_id: str) -> str:
+    """Return ``client_id`` if it is a safe id, else raise IdentityError."""
+    if not isinstance(client_id, str) or not CLIENT_ID_PATTERN.fullmatch(client_id):
+        raise IdentityError(
+            f"invalid client id {client_id!r}: use 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return client_id
+
+
+def check_output_directory(directory: str | Path, client_ids: Iterable[str], *, certs: bool = False) -> None:
+    """Validate every id and the output directory before anything is written."""
+    ids = list(client_ids)
+    for cid in ids:
+        check_client_id(cid)
+        if certs and cid.lower() in RESERVED_NAMES:
+            raise IdentityError(f"client id {cid!r} is reserved for the CA and server files")
+    if len(set(ids)) != len(ids):
+        raise IdentityError("client ids must be distinct")
+    try:
+        check_output_dir(directory, "--out", create_parents=True)
+    except OutputPathError as exc:
+        raise IdentityError(str(exc)) from exc
 
 
 def write_identity(directory: Path, client_id: str) -> str:
     """Create ``<id>.key`` (Ed25519, PEM) in ``directory``; return the public key as hex."""
+    check_client_id(client_id)
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -85,6 +119,7 @@ def _cert(subject: str, public_key, issuer_name, signing_key, *, ca: bool, serve
 
 def make_certificates(directory: Path, client_ids: list[str], ca_name: str = "fedprune demo CA") -> None:
     """A CA, a loopback server certificate, and one client certificate per id (CN = id)."""
+    check_output_directory(directory, client_ids, certs=True)
     directory.mkdir(parents=True, exist_ok=True)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ca_name)])
