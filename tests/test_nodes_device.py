@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 import nodes.client as client_module
 from fedprune.models import LoadedModel, fingerprint, layout
@@ -91,7 +92,9 @@ def test_client_sends_votes_computed_off_host(strategy, tiny_model, windows, mon
             rounds.append((slots[0].offset, sum(s.numel for s in slots)))
     inbox: queue.Queue = queue.Queue()
     outgoing: queue.Queue = queue.Queue()
-    inbox.put(pb.ServerMessage(welcome=_welcome(lay, fp, strategy)))
+    welcome = _welcome(lay, fp, strategy)
+    inbox.put(pb.ServerMessage(challenge=pb.Challenge(session_id=welcome.session_id, nonce=bytes(32))))
+    inbox.put(pb.ServerMessage(welcome=welcome))
     final = np.zeros(lay.total, dtype=bool)
     final[::3] = True  # any final mask: the client applies what it is sent
     for rnd, (offset, length) in enumerate(rounds):
@@ -101,7 +104,11 @@ def test_client_sends_votes_computed_off_host(strategy, tiny_model, windows, mon
     inbox.put(pb.ServerMessage(finished=pb.Finished(report_json="{}")))
 
     cfg = client_module.ClientConfig(server="127.0.0.1:9", client_id="org-1", identity="", data=())
-    result = client_module._session(cfg, lm, lay, fp, windows, None, inbox, outgoing, lambda _: None)
+    identity = Ed25519PrivateKey.generate()
+    hooks = client_module.ClientHooks()
+    result = client_module._session(
+        cfg, lm, lay, fp, windows, identity, inbox, outgoing, lambda _: None, hooks
+    )
 
     expected = np.concatenate([sent_masks[s.name].flatten().numpy() for s in lay.slots])
     received = np.zeros(lay.total, dtype=bool)
