@@ -233,11 +233,11 @@ def audit(directory: str | Path, receipts=()) -> tuple[str, bool]:
     if not (directory / "transcript.jsonl").is_file():
         raise AuditError(f"no transcript at {directory} (expected the server's audit directory)")
     meta = _read_meta(directory / "session.json")
-    records, error = read_records(directory)
-    meta_error = check_meta(directory, records) if error is None else None
-    if meta.get("store_payloads") and error is None:
-        records, error = read_records(directory, require_blobs=True)
-    error = error or meta_error
+    records, chain_error = read_records(directory)
+    meta_error = check_meta(directory, records) if chain_error is None else None
+    if meta.get("store_payloads") and chain_error is None:
+        records, chain_error = read_records(directory, require_blobs=True)
+    error = chain_error or meta_error
     if error is None and not records:
         error = "the transcript is empty"
     mode = meta.get("mode", "?")
@@ -256,7 +256,7 @@ def audit(directory: str | Path, receipts=()) -> tuple[str, bool]:
         row["bytes"] += rec["size"]
         row["kinds"][rec["kind"]] = row["kinds"].get(rec["kind"], 0) + 1
         blob = directory / "blobs" / f"{rec['seq']:09d}.bin"
-        if rec["kind"] == "chunk" and blob.exists() and error is None:
+        if rec["kind"] == "chunk" and blob.exists() and chain_error is None:
             try:
                 msg = pb.ClientMessage.FromString(blob.read_bytes())
             except DecodeError as exc:
