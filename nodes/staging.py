@@ -25,12 +25,14 @@ class ChunkStaging:
         Path(directory).mkdir(parents=True, exist_ok=True)
         self._dir = tempfile.TemporaryDirectory(prefix=".staging-", dir=directory)
         self._files: dict[str, object] = {}
+        self._opened = 0  # file names are never reused, even after a client's file is drained
         self.offsets: dict[str, set[int]] = {}
 
     def add(self, client: str, offset: int, data: bytes) -> None:
         f = self._files.get(client)
         if f is None:
-            f = self._files[client] = open(Path(self._dir.name) / f"{len(self._files)}.bin", "w+b")  # noqa: SIM115
+            self._opened += 1
+            f = self._files[client] = open(Path(self._dir.name) / f"{self._opened}.bin", "w+b")  # noqa: SIM115
         f.write(_HEADER.pack(offset, len(data)))
         f.write(data)
         self.offsets.setdefault(client, set()).add(offset)
