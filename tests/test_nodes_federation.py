@@ -199,6 +199,7 @@ def test_bad_signature_wrong_fingerprint_and_wrong_certificate_are_refused(world
         "refusals",
         clients=["a", "b", "c"],
         roster=["a", "b"],
+        faults={"a": "late-join", "b": "late-join"},  # c tries first, before the session starts
         client_args={
             "c": [
                 "--id",
