@@ -516,20 +516,25 @@ def test_receipts_catch_what_the_chain_alone_cannot(world):
         change(copy)
         return audit(copy)[1], audit(copy, receipts)[1]
 
-    def drop_last(d):
-        p = d / "transcript.jsonl"
-        p.write_text("".join(line + "\n" for line in p.read_text().splitlines()[:-1]))
+    def cut(n):
+        """Drop the last ``n`` records, then restore session.json from the last chained copy
+        left (its blob holds the exact bytes): what a careful forger would do."""
 
-    def cut_tail(d):
-        p = d / "transcript.jsonl"
-        p.write_text("".join(line + "\n" for line in p.read_text().splitlines()[:-12]))
+        def change(d):
+            p = d / "transcript.jsonl"
+            kept = p.read_text().splitlines()[:-n]
+            p.write_text("".join(line + "\n" for line in kept))
+            last_meta = [json.loads(line) for line in kept if '"session-meta"' in line][-1]
+            (d / "session.json").write_bytes((d / "blobs" / f"{last_meta['seq']:09d}.bin").read_bytes())
+
+        return change
 
     def remove_a_chunk(d):
         _rechain(d, lambda r: not (r["kind"] == "chunk" and r["sender"] == "a"))
 
     cases = {  # name: (detected without receipts, detected with receipts)
-        "cut-tail": (cut_tail, False, True),
-        "delete-last-record": (drop_last, False, True),
+        "cut-tail": (cut(12), False, True),
+        "delete-last-record": (cut(1), False, True),
         "rechain-without-a-record": (remove_a_chunk, False, True),
         "empty": (lambda d: (d / "transcript.jsonl").write_text(""), True, True),
         "delete-blob": (lambda d: next((d / "blobs").glob("*.bin")).unlink(), True, True),
