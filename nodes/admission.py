@@ -126,7 +126,6 @@ class _Gate:
         self._semaphore = semaphore
         self._timer = threading.Timer(deadline_s, context.cancel)
         self._timer.daemon = True
-        self.expired = False
 
     def __enter__(self) -> _Gate:
         self._timer.start()

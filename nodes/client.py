@@ -235,9 +235,7 @@ class _Session:
         progress = self._progress("local Wanda masks", lay.num_blocks)
         if welcome.strategy == "one-shot":
             masks = local_pruning_masks(self.lm.model, self.windows, prune_cfg, on_block=progress)
-            self.vector = np.concatenate([masks[s.name].flatten().cpu().numpy() for s in lay.slots]).astype(
-                np.uint8
-            )
+            self.vector = _votes(masks, lay.slots)
             self.log(f"{cfg.client_id}: local masks ready in {time.perf_counter() - t0:.1f} s")
         else:
             self.pruner = ClientPruner(self.lm.model, self.windows, prune_cfg)
@@ -258,9 +256,7 @@ class _Session:
         if self.welcome.strategy == "iterative":
             block = next(s.block for s in self.lay.slots if s.offset == rs.offset)
             masks = self.pruner.local_masks(block)
-            vector = np.concatenate(
-                [masks[s.name].flatten().cpu().numpy() for s in self.lay.block_slots(block)]
-            ).astype(np.uint8)
+            vector = _votes(masks, self.lay.block_slots(block))
             self.log(f"{self.cfg.client_id}: block {block + 1}/{self.lay.num_blocks} masks ready")
         else:
             vector = self.vector[rs.offset : rs.offset + rs.length]
@@ -376,6 +372,11 @@ def _session(cfg, lm, lay, fp, windows, identity, inbox, outgoing, log, hooks) -
             deadline = session.welcome.deadline_s + 60
         if result is not None:
             return result
+
+
+def _votes(masks, slots) -> np.ndarray:
+    """The vote vector of ``slots``: each local mask flattened in layout order, on the host."""
+    return np.concatenate([masks[s.name].flatten().cpu().numpy() for s in slots]).astype(np.uint8)
 
 
 def _plain_chunks(rnd: int, vector: np.ndarray, chunk: int) -> Iterator[pb.VectorChunk]:

@@ -127,12 +127,11 @@ class FederationServer(pb_grpc.FederationServicer):
         except grpc.RpcError:
             self._refuse(claimed, "no answer before the admission deadline")
             return
-        if not context.is_active():  # cancelled at the admission deadline
-            self._refuse(claimed, "no answer before the admission deadline")
+        if not context.add_callback(lambda: self._gone(link)):  # cancelled at the deadline, after joining
+            self._gone(link)
             return
         reader = threading.Thread(target=self._read, args=(link, request_iterator), daemon=True)
         reader.start()
-        context.add_callback(lambda: self._gone(link))
         while True:
             item = link.outbox.get()
             if item is None:

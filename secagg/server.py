@@ -111,7 +111,8 @@ class ServerSession:
             ),
         )
         self._adverts[msg.sender] = msg
-        self._count(msg.sender, len(msg.enc_public) + len(msg.mask_public) + len(msg.signature))
+        keys_and_commitment = len(msg.enc_public) + len(msg.mask_public) + len(msg.seed_commitment)
+        self._count(msg.sender, keys_and_commitment + len(msg.signature))
 
     def key_directory(self) -> KeyDirectory:
         """Close round 0 and publish this round's verified advertisements."""
@@ -158,9 +159,8 @@ class ServerSession:
     # Round 2 -----------------------------------------------------------------
     def receive_chunk(self, msg: MaskedChunk) -> None:
         """Validate one masked chunk and add it into the running sum."""
-        seen = self._chunks.setdefault(msg.sender, set())
-        self.validate_chunk(msg, seen)
-        seen.add(msg.offset)
+        self.validate_chunk(msg, self._chunks.get(msg.sender, set()))
+        self._chunks.setdefault(msg.sender, set()).add(msg.offset)
         start = self.round_config.byte_offset(msg.offset)
         target = self._sum[start : start + len(msg.data)]
         self.round_config.add_(target, np.frombuffer(msg.data, dtype=np.uint8))
@@ -301,11 +301,10 @@ class ServerSession:
         is found among subsets of t shares, and the holders of the bad ones are named
         in ``bad_shares``.
         """
-        holders, shares = [], []
-        for holder, msg in self._unmask.items():
+        shares = []
+        for msg in self._unmask.values():
             table = msg.self_mask_shares if kind == "self" else msg.key_shares
             if owner in table:
-                holders.append(holder)
                 shares.append(table[owner])
         if len(shares) < self.config.threshold:
             self.phase = "done"
