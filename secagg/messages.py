@@ -55,7 +55,11 @@ class SessionConfig:
     chunk_elems: int = 1 << 20
     neighbours: int | None = None  # None: complete graph (classic SecAgg)
     graph_seed: bytes = b""
-    input_bound: int = 1  # every honest input value is in [0, input_bound] (1: binary votes)
+    # Every honest input value is in [0, input_bound] (1: binary votes). On 32- and 64-bit
+    # lanes, input_bound = 2^b - 1 declares ring inputs: any element of Z_(2^b) (fixed-point
+    # values, negative ones in two's complement); the sum is then taken modulo 2^b and the
+    # caller decodes it and checks it against its own bounds (the server checks nothing).
+    input_bound: int = 1
 
     def __post_init__(self) -> None:
         if len(self.session_id) < 8:
@@ -68,7 +72,9 @@ class SessionConfig:
             raise ConfigError(f"lane width must be one of {LANE_BITS}, got {self.lane_bits}")
         if self.input_bound < 1:
             raise ConfigError("the input bound must be at least 1")
-        if (1 << self.lane_bits) <= self.input_bound * len(self.clients):
+        if self.input_bound > (1 << self.lane_bits) - 1:
+            raise ConfigError(f"the input bound {self.input_bound} does not fit {self.lane_bits}-bit lanes")
+        if not self.ring_inputs and (1 << self.lane_bits) <= self.input_bound * len(self.clients):
             raise ConfigError(
                 f"{self.lane_bits}-bit lanes cannot hold a sum over {len(self.clients)} clients"
             )
@@ -85,6 +91,11 @@ class SessionConfig:
                 f"({smallest}); a lower threshold lets a server show two disjoint halves two "
                 "different stories and unmask a client"
             )
+
+    @property
+    def ring_inputs(self) -> bool:
+        """Whether inputs are arbitrary ring elements summed modulo 2^b (wide lanes only)."""
+        return self.lane_bits >= 32 and self.input_bound == (1 << self.lane_bits) - 1
 
     @cached_property
     def graph(self) -> dict[int, frozenset[int]]:

@@ -1,4 +1,4 @@
-"""Arithmetic in Z_(2^b) on densely packed lanes, b in {1, 2, 4, 8, 16}.
+"""Arithmetic in Z_(2^b) on densely packed lanes, b in {1, 2, 4, 8, 16, 32, 64}.
 
 Masks are added lane by lane in Z_(2^b): whatever a client puts in one lane
 (an honest 0/1 vote or a malicious 2^b - 1), nothing ever carries into the
@@ -6,9 +6,12 @@ next lane, so every decoded count depends on that weight's inputs alone and
 can be checked against its bounds after unmasking.
 
 Layout: element ``e`` occupies bits ``[e*b, (e+1)*b)`` of a little-endian bit
-stream (for b = 16, a little-endian uint16 array). Packed arrays are added and
-subtracted lane-wise without unpacking: b = 8 and 16 use native wrap-around
-integer arithmetic, sub-byte lanes use SWAR carry masking on 64-bit words.
+stream (for b = 16, 32, 64, a little-endian uint16, uint32, uint64 array). Packed
+arrays are added and subtracted lane-wise without unpacking: b >= 8 use native
+wrap-around integer arithmetic, sub-byte lanes use SWAR carry masking on 64-bit
+words. Votes use b <= 16 (``lane_bits_for``); the 32- and 64-bit lanes carry
+fixed-point ring elements (the summed activation statistics of the
+``statistics`` strategy), whose sum the caller decodes and checks.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import numpy as np
 
 from .errors import ConfigError
 
-LANE_BITS = (1, 2, 4, 8, 16)
+LANE_BITS = (1, 2, 4, 8, 16, 32, 64)
+VOTE_LANE_BITS = (1, 2, 4, 8, 16)  # the widths a vote count uses (lane_bits_for)
+_WIDE = {16: np.dtype("<u2"), 32: np.dtype("<u4"), 64: np.dtype("<u8")}
 _FOLD_WORD = {2: np.uint32, 4: np.uint16}
 # High bit of every lane, repeated over a 64-bit word (for SWAR carry masking).
 _HIGH = {1: 0xFFFFFFFFFFFFFFFF, 2: 0xAAAAAAAAAAAAAAAA, 4: 0x8888888888888888}
@@ -27,7 +32,7 @@ _HIGH = {1: 0xFFFFFFFFFFFFFFFF, 2: 0xAAAAAAAAAAAAAAAA, 4: 0x8888888888888888}
 
 def lane_bits_for(num_clients: int) -> int:
     """Smallest lane width b with 2^b > m, so a sum of m binary votes never wraps."""
-    for bits in LANE_BITS:
+    for bits in VOTE_LANE_BITS:
         if (1 << bits) > num_clients:
             return bits
     raise ConfigError(f"{num_clients} clients exceed the widest lane (16 bits)")
@@ -42,8 +47,8 @@ def pack(values: np.ndarray, bits: int) -> np.ndarray:
     """Pack non-negative integers < 2^bits into a uint8 array."""
     _check_bits(bits)
     values = np.asarray(values)
-    if bits == 16:
-        return values.astype("<u2").view(np.uint8)
+    if bits in _WIDE:
+        return values.astype(_WIDE[bits]).view(np.uint8)
     if bits == 8:
         return values.astype(np.uint8)
     if bits == 1:
@@ -68,11 +73,12 @@ def pack(values: np.ndarray, bits: int) -> np.ndarray:
 
 
 def unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
-    """Inverse of :func:`pack`: the first ``count`` lanes (uint8, or uint16 for b = 16)."""
+    """Inverse of :func:`pack`: the first ``count`` lanes (uint8, or uint16/32/64 for b = 16/32/64)."""
     _check_bits(bits)
     packed = np.asarray(packed, dtype=np.uint8)
-    if bits == 16:
-        return packed[: 2 * count].view("<u2").astype(np.uint16)
+    if bits in _WIDE:
+        nbytes = bits // 8
+        return packed[: nbytes * count].view(_WIDE[bits]).astype(_WIDE[bits].newbyteorder("="))
     if bits == 8:
         return packed[:count].copy()
     per_byte = 8 // bits
@@ -111,9 +117,9 @@ def add_(acc: np.ndarray, x: np.ndarray, bits: int) -> np.ndarray:
     """acc += x (mod 2^b per lane), in place on packed uint8 arrays of equal length."""
     if bits == 8:
         np.add(acc, x, out=acc)
-    elif bits == 16:
-        a16 = acc.view(np.uint16)
-        np.add(a16, x.view(np.uint16), out=a16)
+    elif bits in _WIDE:
+        wide = acc.view(_WIDE[bits])
+        np.add(wide, x.view(_WIDE[bits]), out=wide)
     else:
         for a, b in zip(_split(acc), _split(x), strict=True):
             if len(a):
@@ -125,9 +131,9 @@ def sub_(acc: np.ndarray, x: np.ndarray, bits: int) -> np.ndarray:
     """acc -= x (mod 2^b per lane), in place on packed uint8 arrays of equal length."""
     if bits == 8:
         np.subtract(acc, x, out=acc)
-    elif bits == 16:
-        a16 = acc.view(np.uint16)
-        np.subtract(a16, x.view(np.uint16), out=a16)
+    elif bits in _WIDE:
+        wide = acc.view(_WIDE[bits])
+        np.subtract(wide, x.view(_WIDE[bits]), out=wide)
     else:
         for a, b in zip(_split(acc), _split(x), strict=True):
             if len(a):

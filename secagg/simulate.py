@@ -40,6 +40,7 @@ def make_session(
     chunk_elems: int = 1 << 16,
     session_id: bytes | None = None,
     threat: ThreatModel = "honest-but-curious",
+    input_bound: int = 1,
 ) -> tuple[SessionConfig, ServerSession, dict[int, ClientSession]]:
     """A fresh session with random identities: the config, the server and every client."""
     ids = tuple(range(num_clients))
@@ -55,6 +56,7 @@ def make_session(
         lane_bits=lane_bits or lane_bits_for(num_clients),
         chunk_elems=chunk_elems,
         neighbours=k,
+        input_bound=input_bound,
     )
     server = ServerSession(config, roster)
     clients = {c: ClientSession(config, c, identities[c], roster) for c in ids}
@@ -115,8 +117,9 @@ def simulate(
     lane_bits: int | None = None,
     chunk_elems: int = 1 << 16,
     record: bool = False,
+    input_bound: int = 1,
 ) -> SimulationResult:
-    """Run one secure round over ``vectors`` (one per client, values < 2^b).
+    """Run one secure round over ``vectors`` (one per client, values <= ``input_bound``).
 
     ``dropouts`` maps a client to the point where it drops. The result's ``total``
     equals the plain sum over the clients that sent their masked input.
@@ -129,5 +132,6 @@ def simulate(
         neighbours=neighbours,
         lane_bits=lane_bits,
         chunk_elems=chunk_elems,
+        input_bound=input_bound,
     )
     return run_round(server, clients, dict(enumerate(vectors)), 0, dropouts, record)

@@ -300,3 +300,17 @@ def test_too_many_corrupted_shares_abort_without_a_wrong_result():
         server.receive_unmask(msg)
     with pytest.raises(ShareError, match="commitment"):
         server.finish()
+
+
+def test_ring_inputs_on_64_bit_lanes_sum_modulo_2_to_the_64_with_a_dropout():
+    """Fixed-point statistics (negative values in two's complement) sum exactly, mod 2^64."""
+    rng = np.random.default_rng(3)
+    signed = [rng.integers(-(2**62), 2**62, 300) for _ in range(5)]
+    vectors = [v.view(np.uint64) for v in signed]
+    result = simulate(
+        vectors, lane_bits=64, input_bound=2**64 - 1, chunk_elems=128, dropouts={4: "after_key_sharing"}
+    )
+    expected = [sum(int(v[i]) for v in signed[:4]) for i in range(300)]
+    assert [int(x) for x in result.total.view(np.int64)] == [((e + 2**63) % 2**64) - 2**63 for e in expected]
+    with pytest.raises(ConfigError):  # ring inputs are for wide lanes; votes keep their capacity check
+        make_session(5, 10, lane_bits=16, input_bound=2**16 - 1)
