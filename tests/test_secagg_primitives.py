@@ -23,14 +23,25 @@ PACKED_KAT = {  # [1,0,3,2,1,1,0,1,1,3,0,2,1] mod 2^b, packed
     4: "01231110312001",
     8: "01000302010100010103000201",
     16: "0100000003000200010001000000010001000300000002000100",
-    32: "01000000000000000300000002000000010000000100000000000000010000000100000003000000000000000200000001000000",
-    64: "0100000000000000000000000000000003000000000000000200000000000000010000000000000001000000000000000000000000000000010000000000000001000000000000000300000000000000000000000000000002000000000000000100000000000000",
+    32: (
+        "01000000000000000300000002000000"
+        "01000000010000000000000001000000"
+        "01000000030000000000000002000000"
+        "01000000"
+    ),
+    64: (
+        "0100000000000000000000000000000003000000000000000200000000000000"
+        "0100000000000000010000000000000000000000000000000100000000000000"
+        "0100000000000000030000000000000000000000000000000200000000000000"
+        "0100000000000000"
+    ),
 }
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4, 8, 16, 32, 64])
 def test_packing_known_answer(bits):
-    values = np.array([1, 0, 3, 2, 1, 1, 0, 1, 1, 3, 0, 2, 1], dtype=np.uint64) % np.uint64(1 << min(bits, 63))
+    values = np.array([1, 0, 3, 2, 1, 1, 0, 1, 1, 3, 0, 2, 1], dtype=np.uint64)
+    values %= np.uint64(1 << min(bits, 63))
     packed = pack(values, bits)
     assert packed.tobytes().hex() == PACKED_KAT[bits]
     assert len(packed) == packed_nbytes(13, bits)
@@ -46,10 +57,10 @@ def test_packed_add_and_sub_equal_lanewise_modular_arithmetic(bits, n, seed):
     b = [int(x) for x in rng.integers(0, 1 << bits, n, dtype=np.uint64, endpoint=False)]
     s = pack(np.array(a, dtype=np.uint64), bits)
     add_(s, pack(np.array(b, dtype=np.uint64), bits), bits)
-    assert [int(x) for x in unpack(s, bits, n)] == [(x + y) % (1 << bits) for x, y in zip(a, b)]
+    assert [int(x) for x in unpack(s, bits, n)] == [(x + y) % (1 << bits) for x, y in zip(a, b, strict=True)]
     d = pack(np.array(a, dtype=np.uint64), bits)
     sub_(d, pack(np.array(b, dtype=np.uint64), bits), bits)
-    assert [int(x) for x in unpack(d, bits, n)] == [(x - y) % (1 << bits) for x, y in zip(a, b)]
+    assert [int(x) for x in unpack(d, bits, n)] == [(x - y) % (1 << bits) for x, y in zip(a, b, strict=True)]
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4, 8, 16])
