@@ -19,3 +19,13 @@ class DataError(FedPruneError):
 
 class VoteCountError(FedPruneError):
     """Aggregated vote counts that honest local Wanda masks cannot produce (a cheating client)."""
+
+
+class PrivacyConfigError(FedPruneError):
+    """A differential-privacy setting is out of range or cannot be honoured (epsilon, delta, clip,
+    noise on a plain aggregation where every client's noise share would be visible)."""
+
+
+class StatisticsError(FedPruneError):
+    """Summed activation statistics that honest clients cannot produce (negative, above the bound
+    implied by the token counts and the clip, or a wrong length): the round is aborted."""

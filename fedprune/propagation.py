@@ -12,7 +12,8 @@ statistics-collected per expert from the tokens routed to each expert.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -102,7 +103,11 @@ class BlockRunner:
 
     @torch.no_grad()
     def collect_stats(
-        self, index: int, hidden: torch.Tensor, mode: StatsMode = "batched"
+        self,
+        index: int,
+        hidden: torch.Tensor,
+        mode: StatsMode = "batched",
+        accumulator: Callable[[int, torch.device], Any] | None = None,
     ) -> dict[str, InputNormStats]:
         """Input-norm statistics of every prunable matrix of block ``index`` on these inputs.
 
@@ -112,10 +117,14 @@ class BlockRunner:
         sequences). Once every hooked module has seen the batch the pass stops,
         so the last matmul (down_proj in LLaMA, the experts in a MoE) and the rest
         of the block are never computed: their output is not needed.
+
+        ``accumulator(columns, device)`` replaces ``InputNormStats`` by any object with
+        the same ``add_batch`` (the statistics strategy's clipped sums).
         """
         block = self.blocks[index]
         matrices = block_matrices(block)
-        stats = {name: InputNormStats(w.shape[1], self.device, mode) for name, w in matrices.items()}
+        make = accumulator or (lambda columns, device: InputNormStats(columns, device, mode))
+        stats = {name: make(w.shape[1], self.device) for name, w in matrices.items()}
         linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear) and n in matrices}
         banks = expert_banks(block)
         seen: set[str] = set()

@@ -30,6 +30,8 @@ from .data import (
 from .errors import DataError, PruningConfigError
 from .evaluation import perplexity
 from .models import LoadedModel, prunable_weights
+from .statistics import StatisticsConfig
+from .statistics_run import VectorSum, plain_vector_sum, prune_statistics
 from .strategies import STRATEGIES, Aggregate, plain_sum, prune
 
 
@@ -68,20 +70,25 @@ class RunSpec:
 
     strategy: str
     prune: PruneConfig
+    statistics: StatisticsConfig | None = None  # the statistics strategy's clip and DP
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise PruningConfigError(
                 f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}"
             )
+        if self.statistics is not None and self.strategy != "statistics":
+            raise PruningConfigError("a clip and differential privacy apply to the statistics strategy only")
 
     @property
     def label(self) -> str:
         parts = [self.strategy]
-        if self.strategy in ("one-shot", "iterative"):
+        if self.strategy in ("one-shot", "iterative", "statistics"):
             parts.append(self.prune.comparison_group)
             if self.prune.weight_scaling:
                 parts.append("scaling")
+        if self.statistics is not None and self.statistics.dp is not None:
+            parts.append(f"dp ε={self.statistics.dp.epsilon:g}")
         if self.prune.nm:
             parts.append(f"{self.prune.nm[0]}:{self.prune.nm[1]}")
         parts.append(f"s={self.prune.sparsity:g}")
@@ -165,9 +172,15 @@ def run_spec(
     spec: RunSpec,
     *,
     aggregate: Aggregate = plain_sum,
+    vector_sum: VectorSum = plain_vector_sum,
+    secure: bool = False,
     progress: bool = True,
 ) -> dict:
-    """Prune with one spec (model left pruned), evaluate, and return the report entry."""
+    """Prune with one spec (model left pruned), evaluate, and return the report entry.
+
+    ``aggregate`` sums vote masks, ``vector_sum`` statistics vectors; ``secure`` says
+    whether they hide the clients' inputs (differential privacy requires it).
+    """
     entry: dict = {"label": spec.label, "strategy": spec.strategy, "config": asdict(spec.prune)}
     nsamples = len(data.pooled_windows)
     if spec.strategy == "local-only":
@@ -193,16 +206,28 @@ def run_spec(
         entry["sparsity_all_block_matrices"] = statistics.fmean(block_sparsities)
         entry["timings"] = {"prune_total": sum(times), "prune_per_client_mean": statistics.fmean(times)}
         return entry
-    parties = [data.pooled_windows] if spec.strategy == "centralized" else data.client_windows
-    result = prune(
-        lm.model,
-        parties,
-        spec.prune,
-        spec.strategy,
-        aggregate=aggregate,
-        progress=progress,
-        nsamples=nsamples,
-    )
+    if spec.strategy == "statistics":
+        result = prune_statistics(
+            lm.model,
+            data.client_windows,
+            spec.prune,
+            spec.statistics,
+            vector_sum=vector_sum,
+            secure=secure,
+            progress=progress,
+        )
+        entry["statistics"] = result.details
+    else:
+        parties = [data.pooled_windows] if spec.strategy == "centralized" else data.client_windows
+        result = prune(
+            lm.model,
+            parties,
+            spec.prune,
+            spec.strategy,
+            aggregate=aggregate,
+            progress=progress,
+            nsamples=nsamples,
+        )
     global_sparsity, per_layer = result.sparsity()
     t0 = time.perf_counter()
     entry["perplexity"] = evaluate(lm, data.eval_sets, progress)
@@ -219,6 +244,8 @@ def run_study(
     specs: Sequence[RunSpec],
     *,
     aggregate: Aggregate = plain_sum,
+    vector_sum: VectorSum = plain_vector_sum,
+    secure: bool = False,
     progress: bool = True,
     evaluate_dense: bool = True,
 ) -> dict:
@@ -232,7 +259,11 @@ def run_study(
         report["dense"] = {"perplexity": evaluate(lm, data.eval_sets, progress)}
     for spec in specs:
         snapshot.restore(lm)
-        report["runs"].append(run_spec(lm, data, spec, aggregate=aggregate, progress=progress))
+        report["runs"].append(
+            run_spec(
+                lm, data, spec, aggregate=aggregate, vector_sum=vector_sum, secure=secure, progress=progress
+            )
+        )
     return report
 
 
@@ -242,11 +273,20 @@ def study_grid(
     scalings: Sequence[bool],
     sparsities: Sequence[float],
     base: PruneConfig,
+    statistics: Sequence[StatisticsConfig | None] = (None,),
 ) -> list[RunSpec]:
-    """The grid strategies x groups x scaling x sparsities; group/scaling only where they apply."""
+    """The grid strategies x groups x scaling x sparsities; group/scaling only where they apply.
+
+    The statistics strategy runs Wanda's per-row rule, once per entry of ``statistics``
+    (e.g. without and with differential privacy at several epsilons).
+    """
     specs: list[RunSpec] = []
     for sparsity in sparsities:
         for strategy in strategies:
+            if strategy == "statistics":
+                cfg = replace(base, sparsity=sparsity, comparison_group="row", weight_scaling=False)
+                specs += [RunSpec(strategy, cfg, stats) for stats in statistics]
+                continue
             federated = strategy in ("one-shot", "iterative")
             for group in groups if federated else groups[:1]:
                 for scaling in scalings if federated else (False,):

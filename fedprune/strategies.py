@@ -29,13 +29,14 @@ from tqdm.auto import tqdm
 
 from .architectures import block_matrices, blocks_path
 from .config import PruneConfig
+from .errors import PruningConfigError
 from .models import decoder_blocks, layout, prunable_weights
 from .propagation import BlockRunner
 from .selection import LayerSalts, apply_mask, scale_retained, select_final_mask, uses_reference_fill
 from .wanda import local_mask, wanda_scores
 
 Strategy = Literal["centralized", "one-shot", "iterative"]
-STRATEGIES: tuple[str, ...] = ("centralized", "local-only", "one-shot", "iterative")
+STRATEGIES: tuple[str, ...] = ("centralized", "local-only", "one-shot", "iterative", "statistics")
 MaskSet = Mapping[str, torch.Tensor]
 Aggregate = Callable[[Sequence[MaskSet]], dict[str, torch.Tensor]]
 
@@ -187,6 +188,11 @@ def prune(
     (default: all clients' windows together), as the reference's zero-padded
     buffers do; iterative clients divide by their own count, as it does there.
     """
+    if strategy not in ("centralized", "one-shot", "iterative"):
+        raise PruningConfigError(
+            f"prune() runs centralized, one-shot and iterative, not {strategy!r} "
+            "(statistics: fedprune.statistics_run.prune_statistics)"
+        )
     if strategy == "centralized":
         client_windows = [torch.cat(list(client_windows))]
     num_clients = len(client_windows)

@@ -76,9 +76,29 @@ def _add_simulate(sub) -> None:
     p.add_argument("--seqlen", type=int, default=128, help="tokens per window")
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument(
-        "--strategy", default="one-shot", choices=["centralized", "local-only", "one-shot", "iterative"]
+        "--strategy",
+        default="one-shot",
+        choices=["centralized", "local-only", "one-shot", "iterative", "statistics"],
+        help="statistics: exact federated Wanda from securely summed activation statistics",
     )
-    p.add_argument("--group", default="layer", choices=["layer", "row", "column"], help="comparison group")
+    p.add_argument(
+        "--group",
+        default=None,
+        choices=["layer", "row", "column"],
+        help="comparison group (default: layer for votes, row, i.e. Wanda's own rule, for statistics)",
+    )
+    p.add_argument(
+        "--stats-clip",
+        "--dp-clip",
+        dest="clip",
+        type=float,
+        default=None,
+        metavar="C",
+        help="statistics: clip of each token's squared inputs to one layer, in L2 norm "
+        "(default 2^32: nothing clipped; required with --dp-epsilon)",
+    )
+    p.add_argument("--dp-epsilon", type=float, default=None, help="statistics: DP target epsilon per client")
+    p.add_argument("--dp-delta", type=float, default=None, help="statistics: DP target delta per client")
     p.add_argument(
         "--tie-break",
         default="random",
@@ -141,9 +161,11 @@ def _cmd_simulate(args) -> int:
     )
 
     # The checks that need no torch come first: a mistake costs no import and no model run.
+    statistics_cfg = _statistics_config(args)
+    group = args.group or ("row" if args.strategy == "statistics" and not args.study else "layer")
     base = PruneConfig(
         sparsity=args.sparsity,
-        comparison_group=args.group,
+        comparison_group=group,
         tie_break=args.tie_break,
         stats=args.stats,
         weight_scaling=args.weight_scaling,
@@ -184,9 +206,11 @@ def _cmd_simulate(args) -> int:
         seed=args.seed,
     )
     if args.study:
-        specs = study_grid(_csv(args.strategies), _csv(args.groups), args.scalings, sparsities, base)
+        specs = study_grid(
+            _csv(args.strategies), _csv(args.groups), args.scalings, sparsities, base, (statistics_cfg,)
+        )
     else:
-        specs = [RunSpec(args.strategy, base)]
+        specs = [RunSpec(args.strategy, base, statistics_cfg if args.strategy == "statistics" else None)]
 
     progress = not args.no_progress
     if not progress:
@@ -201,11 +225,31 @@ def _cmd_simulate(args) -> int:
     data_s = time.perf_counter() - t0
     model_fp = fingerprint(lm.model)
     if args.secure:
-        from .secure_sum import secure_sum
+        from .secure_sum import secure_sum, secure_vector_sum
 
-        report = run_study(lm, data, specs, progress=progress, aggregate=secure_sum)
+        report = run_study(
+            lm,
+            data,
+            specs,
+            progress=progress,
+            aggregate=secure_sum,
+            vector_sum=secure_vector_sum,
+            secure=True,
+        )
     else:
         report = run_study(lm, data, specs, progress=progress)
+    from fedprune.models import layout
+
+    from .traffic import traffic
+
+    model_layout = layout(lm.model)
+    for run in report["runs"]:
+        if run["strategy"] in ("one-shot", "iterative", "statistics"):
+            run["traffic"] = traffic(model_layout, run["strategy"], args.secure, args.clients)
+            if run["strategy"] == "statistics":
+                run["traffic"]["one_shot_voting"] = traffic(
+                    model_layout, "one-shot", args.secure, args.clients
+                )
     report = {
         "model": args.model,
         "fingerprint": model_fp,
@@ -232,6 +276,30 @@ def _cmd_simulate(args) -> int:
 
         atomic_write_dir(args.save_model, fill)
     return 0
+
+
+def _statistics_config(args):
+    """The statistics strategy's clip and DP target, checked before anything loads."""
+    from fedprune.errors import PrivacyConfigError
+    from fedprune.statistics import DEFAULT_CLIP, DPConfig, StatisticsConfig
+
+    dp_asked = args.dp_epsilon is not None or args.dp_delta is not None
+    uses_statistics = args.strategy == "statistics" or (args.study and "statistics" in _csv(args.strategies))
+    if (dp_asked or args.clip is not None) and not uses_statistics:
+        raise PrivacyConfigError("--dp-epsilon, --dp-delta and --stats-clip apply to --strategy statistics")
+    if not dp_asked:
+        return StatisticsConfig(clip=DEFAULT_CLIP if args.clip is None else args.clip)
+    if args.dp_epsilon is None or args.dp_delta is None:
+        raise PrivacyConfigError("differential privacy needs both --dp-epsilon and --dp-delta")
+    dp = DPConfig(args.dp_epsilon, args.dp_delta)
+    if args.clip is None:
+        raise PrivacyConfigError("differential privacy needs --dp-clip C (it sets the noise scale)")
+    if not args.secure:
+        raise PrivacyConfigError(
+            "differential privacy needs --secure: with plain aggregation the server sees each "
+            "client's noise share, 1/m of the noise"
+        )
+    return StatisticsConfig(clip=args.clip, dp=dp)
 
 
 def _cmd_fetch(args) -> int:
