@@ -127,9 +127,9 @@ def _add_simulate(sub) -> None:
 
 
 def _cmd_simulate(args) -> int:
-    from dataclasses import asdict
+    from dataclasses import asdict, replace
 
-    from fedprune.config import PruneConfig, parse_nm
+    from fedprune.config import prune_config
     from fedprune.errors import DataError
 
     from .files import (
@@ -141,13 +141,13 @@ def _cmd_simulate(args) -> int:
     )
 
     # The checks that need no torch come first: a mistake costs no import and no model run.
-    base = PruneConfig(
+    base = prune_config(
         sparsity=args.sparsity,
-        comparison_group=args.group,
+        group=args.group,
         tie_break=args.tie_break,
         stats=args.stats,
         weight_scaling=args.weight_scaling,
-        nm=parse_nm(args.nm) if args.nm else None,
+        nm=args.nm,
         seed=args.seed,
         batch_size=args.batch_size,
     )
@@ -159,7 +159,7 @@ def _cmd_simulate(args) -> int:
             raise DataError("--study compares perplexities: name at least one --eval or --eval-file set")
         sparsities = args.sparsities or [args.sparsity]
         for s in sparsities:  # validate every sparsity before the long work
-            PruneConfig(**{**asdict(base), "sparsity": s})
+            replace(base, sparsity=s)
         out_dir = Path(args.out_dir)
         check_output_dir(out_dir, "--out-dir")
     if args.json:

@@ -25,7 +25,6 @@ import numpy as np
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from fedprune.config import PruneConfig, parse_nm
 from fedprune.errors import VoteCountError
 from fedprune.models import fingerprint, layout, load_model
 from fedprune.strategies import apply_vote_counts, layer_salts
@@ -70,14 +69,7 @@ class FederationServer(pb_grpc.FederationServicer):
         self.cfg = cfg
         self.log = log
         self.roster = {cid: parse_public_hex(pk, cid) for cid, pk in cfg.roster.items()}
-        self.prune_cfg = PruneConfig(
-            sparsity=cfg.sparsity,
-            comparison_group=cfg.group,
-            tie_break=cfg.tie_break,
-            weight_scaling=cfg.weight_scaling,
-            nm=parse_nm(cfg.nm) if cfg.nm else None,
-            seed=cfg.seed,
-        )
+        self.prune_cfg = cfg.prune_config()
         t0 = time.perf_counter()
         self.lm = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
         self.layout = layout(self.lm.model)
@@ -281,12 +273,10 @@ class FederationServer(pb_grpc.FederationServicer):
             )
             t2 = time.perf_counter()
             self.log(f"round {rnd}: selection over {len(contributors)} contributors")
-            layer_counts = {}
-            for slot in slots:
-                start = slot.offset - offset
-                layer_counts[slot.name] = torch.from_numpy(
-                    counts[start : start + slot.numel].astype(np.int16)
-                ).reshape(slot.shape)
+            layer_counts = {
+                name: torch.from_numpy(c.astype(np.int16))
+                for name, c in self.layout.unflatten(counts, offset).items()
+            }
             try:
                 for name, votes in layer_counts.items():
                     check_vote_counts(votes, self.prune_cfg, len(contributors), name)
@@ -295,8 +285,7 @@ class FederationServer(pb_grpc.FederationServicer):
                     f"round {rnd} aborted: {exc}; a client sent votes no honest client can send"
                 ) from exc
             masks = apply_vote_counts(self.lm.model, layer_counts, self.prune_cfg, len(contributors), salts)
-            for slot in slots:
-                final[slot.offset : slot.offset + slot.numel] = masks[slot.name].flatten().cpu().numpy()
+            final[offset : offset + length] = self.layout.flatten(masks, slots)
             self._broadcast_mask(rnd, final[offset : offset + length])
             self._send_receipt(rnd)
             self.rounds.append(
@@ -327,19 +316,12 @@ class FederationServer(pb_grpc.FederationServicer):
         return [c for c in self.members if self.links[c].alive]
 
     def _welcome(self, cid: str) -> pb.Welcome:
-        nm = self.prune_cfg.nm or (0, 0)
         return pb.Welcome(
             session_id=self.session_id,
             index=self.index[cid],
             mode=self.cfg.mode,
             strategy=self.cfg.strategy,
-            sparsity=self.cfg.sparsity,
-            comparison_group=self.cfg.group,
-            tie_break=self.cfg.tie_break,
-            weight_scaling=self.cfg.weight_scaling,
-            nm_n=nm[0],
-            nm_m=nm[1],
-            seed=self.cfg.seed,
+            **convert.prune_to_welcome(self.prune_cfg),
             threshold=self.threshold,
             neighbours=self.cfg.neighbours,
             lane_bits=self.lane_bits,
@@ -359,11 +341,9 @@ class FederationServer(pb_grpc.FederationServicer):
     def _round_ranges(self):
         if self.cfg.strategy == "one-shot":
             return [(0, self.layout.total, self.layout.slots)]
-        out = []
-        for b in range(self.layout.num_blocks):
-            slots = self.layout.block_slots(b)
-            out.append((slots[0].offset, sum(s.numel for s in slots), slots))
-        return out
+        return [
+            (*self.layout.block_range(b), self.layout.block_slots(b)) for b in range(self.layout.num_blocks)
+        ]
 
     def _collect(self, expected: set[str], handle, what: str) -> set[str]:
         """Feed events to ``handle`` until every expected client is done, gone, or the deadline."""
@@ -599,7 +579,7 @@ class FederationServer(pb_grpc.FederationServicer):
 
     def _report(self, final: np.ndarray, eval_before) -> dict:
         packed = np.packbits(final, bitorder="little").tobytes()
-        per_layer = {s.name: float(final[s.offset : s.offset + s.numel].mean()) for s in self.layout.slots}
+        per_layer = {name: float(m.mean()) for name, m in self.layout.unflatten(final).items()}
         report = {
             "config": {k: v for k, v in asdict(self.cfg).items() if k != "roster"},
             "members": self.members,
