@@ -13,20 +13,15 @@ from pathlib import Path
 
 from fedprune.config import PARTITIONS, STATS_MODES, TIE_BREAKS
 
-# The error roots of every package: a user's mistake, printed as one line. Looked up
+from .errors import NodesError, NodeUsageError
+
+# The error roots of the packages: a user's mistake, printed as one line. Looked up
 # among the modules loaded so far, so that light commands (keys, certs, audit) need not
-# import torch; a module that was never imported cannot have raised its error.
+# import torch; a package that was never imported cannot have raised its error.
 USER_ERRORS = (
     ("fedprune.errors", "FedPruneError"),
     ("secagg.errors", "SecAggError"),
-    ("nodes.audit", "AuditError"),
-    ("nodes.client", "ClientFailed"),
-    ("nodes.config", "NodeConfigError"),
-    ("nodes.demo", "DemoError"),
-    ("nodes.files", "OutputPathError"),
-    ("nodes.identity", "IdentityError"),
-    ("nodes.server", "FederationAborted"),
-    (__name__, "NodeUsageError"),
+    ("nodes.errors", NodesError.__name__),
 )
 
 
@@ -482,10 +477,6 @@ def _cmd_demo(args) -> int:
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-class NodeUsageError(Exception):
-    """A command-line combination that cannot work."""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -30,6 +30,7 @@ from secagg.keys import sign, verify
 
 from .admission import PROTOCOL_VERSION, hello_message
 from .audit import receipt_message
+from .errors import ClientFailed
 from .files import atomic_write_dir, atomic_write_text
 from .identity import load_identity
 from .wire import convert
@@ -37,10 +38,6 @@ from .wire import federation_pb2 as pb
 from .wire import federation_pb2_grpc as pb_grpc
 
 _EOF = object()
-
-
-class ClientFailed(Exception):
-    """The federation failed from this client's point of view (one line for the user)."""
 
 
 @dataclass(frozen=True)

@@ -12,12 +12,8 @@ from pathlib import Path
 from fedprune.config import TIE_BREAKS, PruneConfig, prune_config
 from secagg.messages import CHUNK_ALIGN
 
+from .errors import NodeConfigError
 from .identity import CLIENT_ID_PATTERN
-
-
-class NodeConfigError(Exception):
-    """A configuration value is missing, malformed or unsafe."""
-
 
 LOOPBACK_NAMES = {"localhost"}
 

@@ -21,12 +21,9 @@ from fedprune.data import EMBEDDED_CORPUS, load_text
 from fedprune.models import resolve_spec
 
 from .audit import audit
+from .errors import DemoError
 from .files import check_output_dir
 from .identity import make_certificates, write_identity
-
-
-class DemoError(Exception):
-    """A demo setting that cannot work (the command line prints it as one line)."""
 
 
 def _pump(proc: subprocess.Popen, prefix: str, found: dict, echo: bool) -> None:

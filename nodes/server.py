@@ -37,6 +37,7 @@ from secagg.messages import ConsistencySignature, MaskedChunk
 from .admission import ID_PATTERN, Admission, Refusal, refusal_record
 from .audit import Transcript, receipt_message
 from .config import ServerConfig
+from .errors import FederationAborted, ProtocolViolation
 from .files import atomic_write_bytes, atomic_write_dir, atomic_write_text
 from .identity import load_identity, parse_public_hex
 from .staging import ChunkStaging
@@ -46,10 +47,6 @@ from .wire import federation_pb2_grpc as pb_grpc
 
 MASK_CHUNK_BITS = 1 << 23  # elements per FinalMask message (1 MiB bit-packed)
 SPILL_BYTES = 1 << 30  # running sums larger than this live in a memory-mapped file
-
-
-class FederationAborted(Exception):
-    """The round cannot complete (too few survivors, protocol failure); nothing is written."""
 
 
 class _Link:
@@ -370,7 +367,7 @@ class FederationServer(pb_grpc.FederationServicer):
             try:
                 if handle(cid, msg):
                     done.add(cid)
-            except SecAggError as exc:
+            except (SecAggError, ProtocolViolation) as exc:
                 self._reject(type(exc).__name__, f"{cid}: {exc}")
         return done
 
@@ -404,7 +401,7 @@ class FederationServer(pb_grpc.FederationServicer):
 
             def on_advert(cid, msg):
                 if msg.WhichOneof("body") != "key_advert" or msg.key_advert.sender != self.index[cid]:
-                    raise SecAggError("expected this client's key advertisement")
+                    raise ProtocolViolation("expected this client's key advertisement")
                 sa.receive_advertisement(convert.advert_from_pb(msg.key_advert, sid))
                 return True
 
@@ -416,7 +413,7 @@ class FederationServer(pb_grpc.FederationServicer):
 
             def on_shares(cid, msg):
                 if msg.WhichOneof("body") != "encrypted_shares":
-                    raise SecAggError("expected encrypted shares")
+                    raise ProtocolViolation("expected encrypted shares")
                 sa.receive_shares(convert.shares_from_pb(msg.encrypted_shares, sid, self.index[cid]))
                 return True
 
@@ -440,7 +437,7 @@ class FederationServer(pb_grpc.FederationServicer):
                         sa.receive_chunk(MaskedChunk(sid, rnd, self.index[cid], offset, data))
                     return True
                 if kind != "chunk":
-                    raise SecAggError(f"expected masked chunks, got {kind}")
+                    raise ProtocolViolation(f"expected masked chunks, got {kind}")
                 c = msg.chunk
                 chunk = MaskedChunk(sid, c.round, self.index[cid], c.offset, c.data)
                 sa.validate_chunk(chunk, staging.offsets.setdefault(cid, set()))
@@ -460,7 +457,7 @@ class FederationServer(pb_grpc.FederationServicer):
 
             def on_signature(cid, msg):
                 if msg.WhichOneof("body") != "survivor_signature":
-                    raise SecAggError("expected a survivor-list signature")
+                    raise ProtocolViolation("expected a survivor-list signature")
                 s = msg.survivor_signature
                 sa.receive_signature(ConsistencySignature(sid, s.round, self.index[cid], s.signature))
                 return True
@@ -474,7 +471,7 @@ class FederationServer(pb_grpc.FederationServicer):
 
             def on_unmask(cid, msg):
                 if msg.WhichOneof("body") != "unmask_shares":
-                    raise SecAggError("expected unmasking shares")
+                    raise ProtocolViolation("expected unmasking shares")
                 sa.receive_unmask(convert.unmask_from_pb(msg.unmask_shares, sid, self.index[cid]))
                 return True
 
@@ -518,16 +515,16 @@ class FederationServer(pb_grpc.FederationServicer):
             kind = msg.WhichOneof("body")
             if kind == "round_done" and msg.round_done.round == rnd:
                 if len(seen.get(cid, ())) != nchunks:
-                    raise SecAggError(f"incomplete mask from {cid}")
+                    raise ProtocolViolation(f"incomplete mask from {cid}")
                 return True
             if kind != "chunk" or msg.chunk.round != rnd:
-                raise SecAggError(f"expected mask chunks of round {rnd}, got {kind}")
+                raise ProtocolViolation(f"expected mask chunks of round {rnd}, got {kind}")
             c = msg.chunk
             count = min(chunk, length - c.offset) if c.offset < length else 0
             if c.offset % chunk or count <= 0 or len(c.data) != -(-count // 8):
-                raise SecAggError(f"malformed chunk at offset {c.offset}")
+                raise ProtocolViolation(f"malformed chunk at offset {c.offset}")
             if c.offset in seen.setdefault(cid, set()):
-                raise SecAggError(f"duplicate chunk at offset {c.offset}")
+                raise ProtocolViolation(f"duplicate chunk at offset {c.offset}")
             seen[cid].add(c.offset)
             buf = buffers.setdefault(cid, np.zeros(-(-length // 8), dtype=np.uint8))
             buf[c.offset // 8 : c.offset // 8 + len(c.data)] = np.frombuffer(c.data, dtype=np.uint8)
