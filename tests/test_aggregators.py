@@ -29,7 +29,7 @@ class FakeClient:
 
     def __init__(self, index, identity, roster, vectors, lane_bits, input_bound, secure) -> None:
         self.index, self.vectors, self.lane_bits = index, vectors, lane_bits
-        self.sa = None
+        self.sa, self.pending = None, None
         if secure:
             cfg = SessionConfig(
                 session_id=SESSION,
