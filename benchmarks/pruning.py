@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from fedprune.config import PruneConfig
+from fedprune.config import prune_config
 from fedprune.models import load_model
 from fedprune.simulate import DataConfig, RunSpec, prepare_data, run_study
 from nodes.files import atomic_write_text
@@ -47,9 +47,9 @@ def main() -> int:
     specs = []
     for item in args.runs.split(","):
         strategy, *rest = item.split(":")
-        cfg = PruneConfig(
-            0.5,
-            comparison_group=rest[0] if rest else "layer",
+        cfg = prune_config(
+            sparsity=0.5,
+            group=rest[0] if rest else "layer",
             weight_scaling="scaling" in rest,
             seed=0,
             batch_size=8,

@@ -70,6 +70,40 @@ class PruneConfig:
                 )
 
 
+def prune_config(
+    *,
+    sparsity: float,
+    group: str = "layer",
+    tie_break: str = "random",
+    nm: str | tuple[int, int] | None = None,
+    seed: int = 0,
+    weight_scaling: bool = False,
+    stats: str = "batched",
+    batch_size: int = 8,
+) -> PruneConfig:
+    """The one place user-facing settings become a :class:`PruneConfig`.
+
+    Every source of settings goes through here: the ``simulate`` flags, the
+    server's TOML and flags, the client's Welcome. ``group`` is the comparison
+    group; ``nm`` is ``"2:4"`` text, an ``(n, m)`` pair, or none (``None``,
+    ``""`` or the wire's ``(0, 0)``). Raises ``PruningConfigError``.
+    """
+    if isinstance(nm, str):
+        nm = parse_nm(nm) if nm else None
+    elif nm is not None:
+        nm = (int(nm[0]), int(nm[1])) if nm[1] else None
+    return PruneConfig(
+        sparsity=sparsity,
+        comparison_group=group,  # type: ignore[arg-type]  (checked in __post_init__)
+        tie_break=tie_break,  # type: ignore[arg-type]
+        stats=stats,  # type: ignore[arg-type]
+        weight_scaling=weight_scaling,
+        nm=nm,
+        seed=seed,
+        batch_size=batch_size,
+    )
+
+
 def parse_nm(text: str) -> tuple[int, int]:
     """Parse '2:4' into (2, 4)."""
     try:

@@ -15,10 +15,12 @@ import os
 import shutil
 import struct
 import tempfile
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -60,8 +62,50 @@ class Layout:
     def num_blocks(self) -> int:
         return self.slots[-1].block + 1
 
+    @classmethod
+    def from_shapes(cls, entries: Iterable[tuple[str, int, tuple[int, int]]]) -> Layout:
+        """The layout of ``(name, block, shape)`` entries laid end to end, in the given order."""
+        slots: list[LayerSlot] = []
+        offset = 0
+        for name, block, (rows, cols) in entries:
+            slots.append(LayerSlot(name, block, (rows, cols), offset))
+            offset += rows * cols
+        return cls(tuple(slots))
+
     def block_slots(self, block: int) -> tuple[LayerSlot, ...]:
         return tuple(s for s in self.slots if s.block == block)
+
+    def block_range(self, block: int) -> tuple[int, int]:
+        """(offset, length) of decoder block ``block``'s part of the flat vector."""
+        slots = self.block_slots(block)
+        return slots[0].offset, sum(s.numel for s in slots)
+
+    def slots_in(self, offset: int, length: int) -> tuple[LayerSlot, ...]:
+        """The slots that start in ``[offset, offset + length)``, in layout order."""
+        return tuple(s for s in self.slots if offset <= s.offset < offset + length)
+
+    def flatten(
+        self, tensors: Mapping[str, torch.Tensor], slots: Sequence[LayerSlot] | None = None
+    ) -> np.ndarray:
+        """The tensors of ``slots`` (default: every slot) as one host vector, in layout order.
+
+        Tensors may live on any device; each is copied to the host before numpy sees it.
+        """
+        parts = [tensors[s.name].flatten().cpu().numpy() for s in (self.slots if slots is None else slots)]
+        return np.concatenate(parts)
+
+    def unflatten(self, vector: np.ndarray, offset: int = 0) -> dict[str, np.ndarray]:
+        """Slot name -> 2-D view of ``vector``, which holds elements ``[offset, offset + len(vector))``.
+
+        Every slot in that range must lie wholly inside it (a round never cuts a layer).
+        """
+        out = {}
+        for s in self.slots_in(offset, len(vector)):
+            start = s.offset - offset
+            if start + s.numel > len(vector):
+                raise ValueError(f"the range [{offset}, {offset + len(vector)}) cuts slot {s.name}")
+            out[s.name] = vector[start : start + s.numel].reshape(s.shape)
+        return out
 
     def to_json(self) -> list[dict]:
         return [
@@ -82,14 +126,11 @@ def layout(model: nn.Module) -> Layout:
     its decoder blocks (see ``architectures.check_coverage``).
     """
     check_coverage(model)
-    slots: list[LayerSlot] = []
-    offset = 0
-    for i in range(len(decoder_blocks(model))):
-        for name, weight in block_weights(model, i).items():
-            rows, cols = weight.shape
-            slots.append(LayerSlot(name, i, (rows, cols), offset))
-            offset += rows * cols
-    return Layout(tuple(slots))
+    return Layout.from_shapes(
+        (name, i, tuple(weight.shape))
+        for i in range(len(decoder_blocks(model)))
+        for name, weight in block_weights(model, i).items()
+    )
 
 
 def prunable_weights(model: nn.Module) -> dict[str, torch.Tensor]:

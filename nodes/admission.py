@@ -23,6 +23,8 @@ import grpc
 from secagg.errors import SecAggError
 from secagg.keys import verify as verify_signature
 
+from .errors import NodesError
+
 PROTOCOL_VERSION = 2
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 MAX_HELLO_BYTES = 1024
@@ -35,7 +37,7 @@ def hello_message(session_id: bytes, nonce: bytes, client_id: str, fingerprint: 
 
 
 @dataclass(frozen=True)
-class Refusal(Exception):
+class Refusal(NodesError):
     """A stream is refused admission: the gRPC status and a one-line reason."""
 
     status: grpc.StatusCode

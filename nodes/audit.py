@@ -26,14 +26,11 @@ import numpy as np
 from secagg.errors import SecAggError
 from secagg.keys import verify
 
+from .errors import AuditError
 from .files import atomic_write_bytes, atomic_write_text
 
 GENESIS = "0" * 64
 LANE_BITS = (1, 2, 4, 8, 16)
-
-
-class AuditError(Exception):
-    """The audit directory cannot be read: missing, not text, or malformed metadata."""
 
 
 def _record_hash(record: dict) -> str:

@@ -13,20 +13,15 @@ from pathlib import Path
 
 from fedprune.config import PARTITIONS, STATS_MODES, TIE_BREAKS
 
-# The error roots of every package: a user's mistake, printed as one line. Looked up
+from .errors import NodesError, NodeUsageError
+
+# The error roots of the packages: a user's mistake, printed as one line. Looked up
 # among the modules loaded so far, so that light commands (keys, certs, audit) need not
-# import torch; a module that was never imported cannot have raised its error.
+# import torch; a package that was never imported cannot have raised its error.
 USER_ERRORS = (
     ("fedprune.errors", "FedPruneError"),
     ("secagg.errors", "SecAggError"),
-    ("nodes.audit", "AuditError"),
-    ("nodes.client", "ClientFailed"),
-    ("nodes.config", "NodeConfigError"),
-    ("nodes.demo", "DemoError"),
-    ("nodes.files", "OutputPathError"),
-    ("nodes.identity", "IdentityError"),
-    ("nodes.server", "FederationAborted"),
-    (__name__, "NodeUsageError"),
+    ("nodes.errors", NodesError.__name__),
 )
 
 
@@ -147,9 +142,9 @@ def _add_simulate(sub) -> None:
 
 
 def _cmd_simulate(args) -> int:
-    from dataclasses import asdict
+    from dataclasses import asdict, replace
 
-    from fedprune.config import PruneConfig, parse_nm
+    from fedprune.config import prune_config
     from fedprune.errors import DataError
 
     from .files import (
@@ -163,13 +158,13 @@ def _cmd_simulate(args) -> int:
     # The checks that need no torch come first: a mistake costs no import and no model run.
     statistics_cfg = _statistics_config(args)
     group = args.group or ("row" if args.strategy == "statistics" and not args.study else "layer")
-    base = PruneConfig(
+    base = prune_config(
         sparsity=args.sparsity,
-        comparison_group=group,
+        group=group,
         tie_break=args.tie_break,
         stats=args.stats,
         weight_scaling=args.weight_scaling,
-        nm=parse_nm(args.nm) if args.nm else None,
+        nm=args.nm,
         seed=args.seed,
         batch_size=args.batch_size,
     )
@@ -181,7 +176,7 @@ def _cmd_simulate(args) -> int:
             raise DataError("--study compares perplexities: name at least one --eval or --eval-file set")
         sparsities = args.sparsities or [args.sparsity]
         for s in sparsities:  # validate every sparsity before the long work
-            PruneConfig(**{**asdict(base), "sparsity": s})
+            replace(base, sparsity=s)
         out_dir = Path(args.out_dir)
         check_output_dir(out_dir, "--out-dir")
     if args.json:
@@ -550,10 +545,6 @@ def _cmd_demo(args) -> int:
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-class NodeUsageError(Exception):
-    """A command-line combination that cannot work."""
 
 
 def build_parser() -> argparse.ArgumentParser:

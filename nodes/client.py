@@ -21,7 +21,6 @@ import numpy as np
 import torch
 
 from fedprune.assets import cache_dir
-from fedprune.config import PruneConfig
 from fedprune.data import load_text, sample_windows, tokenize
 from fedprune.models import fingerprint, layout, load_model, prunable_weights
 from fedprune.strategies import ClientPruner, local_pruning_masks
@@ -31,6 +30,7 @@ from secagg.keys import sign, verify
 
 from .admission import PROTOCOL_VERSION, hello_message
 from .audit import receipt_message
+from .errors import ClientFailed
 from .files import atomic_write_dir, atomic_write_text
 from .identity import load_identity
 from .wire import convert
@@ -38,10 +38,6 @@ from .wire import federation_pb2 as pb
 from .wire import federation_pb2_grpc as pb_grpc
 
 _EOF = object()
-
-
-class ClientFailed(Exception):
-    """The federation failed from this client's point of view (one line for the user)."""
 
 
 @dataclass(frozen=True)
@@ -207,14 +203,7 @@ class _Session:
             raise ClientFailed("the server's layout manifest differs from our model's layout")
         if welcome.weight_scaling:
             raise ClientFailed("weight scaling cannot be applied from a broadcast mask")
-        prune_cfg = PruneConfig(
-            sparsity=welcome.sparsity,
-            comparison_group=welcome.comparison_group,
-            tie_break=welcome.tie_break,
-            nm=(welcome.nm_n, welcome.nm_m) if welcome.nm_m else None,
-            seed=welcome.seed,
-            batch_size=cfg.batch_size,
-        )
+        prune_cfg = convert.prune_from_welcome(welcome, cfg.batch_size)
         if welcome.mode == "secure":
             roster = {e.index: e.identity_public for e in welcome.roster}
             try:  # the client enforces t > g/2 itself: a server cannot lower it
@@ -235,7 +224,7 @@ class _Session:
         progress = self._progress("local Wanda masks", lay.num_blocks)
         if welcome.strategy == "one-shot":
             masks = local_pruning_masks(self.lm.model, self.windows, prune_cfg, on_block=progress)
-            self.vector = _votes(masks, lay.slots)
+            self.vector = _votes(lay, masks)
             self.log(f"{cfg.client_id}: local masks ready in {time.perf_counter() - t0:.1f} s")
         else:
             self.pruner = ClientPruner(self.lm.model, self.windows, prune_cfg)
@@ -256,7 +245,7 @@ class _Session:
         if self.welcome.strategy == "iterative":
             block = next(s.block for s in self.lay.slots if s.offset == rs.offset)
             masks = self.pruner.local_masks(block)
-            vector = _votes(masks, self.lay.block_slots(block))
+            vector = _votes(self.lay, masks, self.lay.block_slots(block))
             self.log(f"{self.cfg.client_id}: block {block + 1}/{self.lay.num_blocks} masks ready")
         else:
             vector = self.vector[rs.offset : rs.offset + rs.length]
@@ -374,9 +363,9 @@ def _session(cfg, lm, lay, fp, windows, identity, inbox, outgoing, log, hooks) -
             return result
 
 
-def _votes(masks, slots) -> np.ndarray:
-    """The vote vector of ``slots``: each local mask flattened in layout order, on the host."""
-    return np.concatenate([masks[s.name].flatten().cpu().numpy() for s in slots]).astype(np.uint8)
+def _votes(lay, masks, slots=None) -> np.ndarray:
+    """The vote vector of ``slots`` (default: every slot): the local masks in layout order."""
+    return lay.flatten(masks, slots).astype(np.uint8)
 
 
 def _plain_chunks(rnd: int, vector: np.ndarray, chunk: int) -> Iterator[pb.VectorChunk]:
@@ -387,8 +376,7 @@ def _plain_chunks(rnd: int, vector: np.ndarray, chunk: int) -> Iterator[pb.Vecto
 
 
 def _apply(model, lay, final: np.ndarray, offset: int, length: int) -> None:
+    """Prune the layers of ``[offset, offset + length)`` with the final mask."""
     weights = prunable_weights(model)
-    for slot in lay.slots:
-        if offset <= slot.offset < offset + length:
-            mask = torch.from_numpy(final[slot.offset : slot.offset + slot.numel].reshape(slot.shape))
-            weights[slot.name].masked_fill_(mask.to(weights[slot.name].device), 0)
+    for name, mask in lay.unflatten(final[offset : offset + length], offset).items():
+        weights[name].masked_fill_(torch.from_numpy(mask).to(weights[name].device), 0)

@@ -9,15 +9,11 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from fedprune.config import TIE_BREAKS
+from fedprune.config import TIE_BREAKS, PruneConfig, prune_config
 from secagg.messages import CHUNK_ALIGN
 
+from .errors import NodeConfigError
 from .identity import CLIENT_ID_PATTERN
-
-
-class NodeConfigError(Exception):
-    """A configuration value is missing, malformed or unsafe."""
-
 
 LOOPBACK_NAMES = {"localhost"}
 
@@ -163,7 +159,19 @@ class ServerConfig:
             )
         if self.eval_windows < 0 or self.eval_seqlen < 2:
             raise NodeConfigError("need eval_windows >= 0 and eval_seqlen >= 2")
+        self.prune_config()  # the pruning settings, checked before the model loads
         return self
+
+    def prune_config(self) -> PruneConfig:
+        """The pruning settings of this federation (see ``fedprune.config.prune_config``)."""
+        return prune_config(
+            sparsity=self.sparsity,
+            group=self.group,
+            tie_break=self.tie_break,
+            nm=self.nm,
+            seed=self.seed,
+            weight_scaling=self.weight_scaling,
+        )
 
 
 def load_server_config(path: str | None, overrides: dict) -> ServerConfig:

@@ -16,17 +16,14 @@ import threading
 import time
 from pathlib import Path
 
-from fedprune.config import PruneConfig
+from fedprune.config import prune_config
 from fedprune.data import EMBEDDED_CORPUS, load_text
 from fedprune.models import resolve_spec
 
 from .audit import audit
+from .errors import DemoError
 from .files import check_output_dir
 from .identity import make_certificates, write_identity
-
-
-class DemoError(Exception):
-    """A demo setting that cannot work (the command line prints it as one line)."""
 
 
 def _pump(proc: subprocess.Popen, prefix: str, found: dict, echo: bool) -> None:
@@ -172,7 +169,7 @@ def check_demo_args(args) -> None:
         raise DemoError(f"the demo runs every client on this machine: at most 64, got {args.clients}")
     if args.nsamples < 1 or args.seqlen < 2 or args.eval_windows < 0:
         raise DemoError("need --nsamples >= 1, --seqlen >= 2 and --eval-windows >= 0")
-    PruneConfig(sparsity=args.sparsity)  # raises PruningConfigError when out of (0, 1)
+    prune_config(sparsity=args.sparsity)  # raises PruningConfigError when out of (0, 1)
     if args.workdir:
         check_output_dir(args.workdir, "--workdir", create_parents=True)
 

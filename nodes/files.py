@@ -8,6 +8,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from .errors import OutputPathError
+
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write to a temporary file beside ``path``, fsync, then rename over it."""
@@ -84,7 +86,3 @@ def check_output_dir(path: str | os.PathLike, what: str, *, create_parents: bool
         raise OutputPathError(f"{what}: {ancestor} is a file, not a directory")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise OutputPathError(f"{what}: cannot write in {ancestor}")
-
-
-class OutputPathError(Exception):
-    """An output path cannot be written."""

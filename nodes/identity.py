@@ -14,12 +14,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
 
-from .files import OutputPathError, atomic_write_bytes, atomic_write_text, check_output_dir
-
-
-class IdentityError(Exception):
-    """An identity key or certificate file is missing or malformed, or a client id is unsafe."""
-
+from .errors import IdentityError, OutputPathError
+from .files import atomic_write_bytes, atomic_write_text, check_output_dir
 
 # Client ids become file names (<id>.key, <id>.crt) and certificate common names:
 # no path separators, no leading dot or dash, bounded length.

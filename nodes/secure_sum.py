@@ -16,21 +16,15 @@ import numpy as np
 import torch
 
 import secagg
+from fedprune.models import Layout
 
 
 def secure_sum(client_masks: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    names = list(client_masks[0])
-    vectors = [
-        np.concatenate([m[n].flatten().cpu().numpy() for n in names]).astype(np.uint8) for m in client_masks
-    ]
+    # The masks' own layout: their layers end to end, in the order the clients list them.
+    lay = Layout.from_shapes((name, 0, tuple(mask.shape)) for name, mask in client_masks[0].items())
+    vectors = [lay.flatten(masks).astype(np.uint8) for masks in client_masks]
     total = secagg.simulate(vectors, chunk_elems=1 << 20).total
-    counts, start = {}, 0
-    for name in names:
-        shape = client_masks[0][name].shape
-        size = client_masks[0][name].numel()
-        counts[name] = torch.from_numpy(total[start : start + size].astype(np.int16)).reshape(shape)
-        start += size
-    return counts
+    return {name: torch.from_numpy(counts.astype(np.int16)) for name, counts in lay.unflatten(total).items()}
 
 
 def secure_vector_sum(vectors: Sequence[np.ndarray]) -> np.ndarray:

@@ -408,3 +408,17 @@ def test_chunk_elems_must_be_aligned():
     for bad in (0, -128, 8, 100, 129, True, "128"):
         with pytest.raises(NodeConfigError, match="multiple of 128"):
             ServerConfig(insecure=True, roster=roster, chunk_elems=bad).validate()
+
+
+def test_the_command_line_catches_the_package_roots_and_nothing_else():
+    """Every nodes error is a NodesError; the CLI treats the roots as user errors, bugs as bugs."""
+    import nodes.errors
+    from fedprune.errors import VoteCountError
+    from nodes.cli import is_user_error
+    from secagg.errors import ReplayError
+
+    tree = [c for c in vars(nodes.errors).values() if isinstance(c, type) and issubclass(c, Exception)]
+    assert len(tree) >= 10 and all(issubclass(c, nodes.errors.NodesError) for c in tree)
+    assert all(is_user_error(c("x")) for c in tree)
+    assert is_user_error(VoteCountError("x")) and is_user_error(ReplayError("x"))
+    assert not is_user_error(ValueError("a bug")) and not is_user_error(KeyError("a bug"))

@@ -1,7 +1,8 @@
-"""Conversions between secagg's message dataclasses and the protobuf wire messages."""
+"""Conversions between the protobuf wire messages and secagg's messages or fedprune's settings."""
 
 from __future__ import annotations
 
+from fedprune.config import PruneConfig, prune_config
 from secagg import messages as sm
 from secagg.shamir import Share
 
@@ -80,4 +81,31 @@ def unmask_from_pb(p: pb.UnmaskShares, session: bytes, sender: int) -> sm.Unmask
         sender,
         {k: Share(s.x, s.y) for k, s in p.self_mask_shares.items()},
         {k: Share(s.x, s.y) for k, s in p.key_shares.items()},
+    )
+
+
+def prune_to_welcome(cfg: PruneConfig) -> dict:
+    """The Welcome fields that carry the pruning settings (N:M as nm_n, nm_m; 0, 0 = none)."""
+    nm = cfg.nm or (0, 0)
+    return {
+        "sparsity": cfg.sparsity,
+        "comparison_group": cfg.comparison_group,
+        "tie_break": cfg.tie_break,
+        "weight_scaling": cfg.weight_scaling,
+        "nm_n": nm[0],
+        "nm_m": nm[1],
+        "seed": cfg.seed,
+    }
+
+
+def prune_from_welcome(w: pb.Welcome, batch_size: int) -> PruneConfig:
+    """The server's pruning settings, with this client's own batch size."""
+    return prune_config(
+        sparsity=w.sparsity,
+        group=w.comparison_group,
+        tie_break=w.tie_break,
+        nm=(w.nm_n, w.nm_m),
+        seed=w.seed,
+        weight_scaling=w.weight_scaling,
+        batch_size=batch_size,
     )

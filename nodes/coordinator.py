@@ -1,0 +1,476 @@
+"""The coordinator: client streams, membership, phases with their deadlines, the round loop.
+
+One bidirectional stream per client. Reader threads turn incoming messages
+into events (and audit records); a single coordinator thread runs the
+protocol on those events with per-phase deadlines, so the secagg state
+machines are only ever touched by one thread. A federation reads as its steps:
+
+1. admission (nodes.admission) until ``join_deadline_s``; at least
+   ``min_clients`` members, after which nobody else joins;
+2. the session: threshold and lane width, session.json, one Welcome each;
+3. per round (one-shot: one; iterative: one per decoder block): RoundStart,
+   the aggregator's exchange (nodes.aggregators; each of its steps waits at
+   most ``round_deadline_s``), vote-count checks and selection, the final mask
+   broadcast, a signed receipt;
+4. outputs (nodes.outputs) and Finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import resource
+import threading
+import time
+from dataclasses import asdict
+
+import grpc
+import numpy as np
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from fedprune.errors import VoteCountError
+from fedprune.models import LayerSlot, fingerprint, layout, load_model
+from fedprune.selection import LayerSalts
+from fedprune.strategies import apply_vote_counts, layer_salts
+from fedprune.wanda import check_vote_counts
+from secagg import default_threshold, lane_bits_for
+from secagg.errors import SecAggError
+from secagg.keys import raw_public, sign
+
+from .admission import ID_PATTERN, Admission, Refusal, refusal_record
+from .aggregators import Aggregator, Handler, PlainAggregator, SecureAggregator
+from .audit import Transcript, receipt_message
+from .config import ServerConfig
+from .errors import FederationAborted, ProtocolViolation
+from .identity import load_identity, parse_public_hex
+from .outputs import mask_summary, packed_mask, perplexities, write_outputs
+from .wire import convert
+from .wire import federation_pb2 as pb
+from .wire import federation_pb2_grpc as pb_grpc
+
+MASK_CHUNK_BITS = 1 << 23  # elements per FinalMask message (1 MiB bit-packed)
+LATE_KINDS = ("chunk", "round_done", "survivor_signature", "unmask_shares")
+
+
+class Link:
+    """One admitted client's stream: its outbox and whether it is still open."""
+
+    def __init__(self, client_id: str) -> None:
+        self.id = client_id
+        self.outbox: queue.Queue = queue.Queue()
+        self.alive = True
+        self.bytes_received = 0
+
+    def send(self, **body) -> None:
+        if self.alive:
+            self.outbox.put(pb.ServerMessage(**body))
+
+
+class Coordinator(pb_grpc.FederationServicer):
+    """The server's protocol driver (and gRPC servicer); the ``Federation`` its aggregator uses."""
+
+    def __init__(self, cfg: ServerConfig, log=print) -> None:
+        self.cfg = cfg
+        self.log = log
+        self.roster = {cid: parse_public_hex(pk, cid) for cid, pk in cfg.roster.items()}
+        self.prune_cfg = cfg.prune_config()
+        t0 = time.perf_counter()
+        self.lm = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+        self.layout = layout(self.lm.model)
+        self.fingerprint = bytes.fromhex(fingerprint(self.lm.model))
+        self.timings = {"load_model": time.perf_counter() - t0}
+        self.transcript = Transcript(cfg.audit_dir, cfg.store_payloads)
+        # The identity that signs receipts: a configured key, or one made for this run (its
+        # public half is in session.json, inside the chain).
+        self.identity = load_identity(cfg.identity) if cfg.identity else Ed25519PrivateKey.generate()
+        self.events: queue.Queue = queue.Queue()
+        self.links: dict[str, Link] = {}
+        self._lock = threading.Lock()
+        self._started = False
+        self._joined = threading.Condition(self._lock)
+        self.rejected: dict[str, int] = {}
+        self.refused: list[str] = []
+        self.session_id = os.urandom(16)
+        self.rounds: list[dict] = []
+        self.admission = Admission(
+            self.roster,
+            self.fingerprint,
+            self.session_id,
+            cfg.insecure,
+            cfg.hello_deadline_s,
+            cfg.max_pending_hellos,
+        )
+        # Fixed when the session starts (_open_session), from the clients that joined.
+        self.members: list[str] = []
+        self.index: dict[str, int] = {}
+        self.threshold = 0
+        self.lane_bits = 0
+        self.session_meta: dict = {}
+        self.aggregator: Aggregator | None = None
+
+    # ---- gRPC side -------------------------------------------------------------
+    def Session(self, request_iterator, context):  # noqa: N802 (gRPC method name)
+        """Admit the stream (see nodes.admission), then relay the coordinator's messages."""
+        claimed = "?"
+        try:
+            with self.admission.gate(context):
+                first = next(request_iterator, None)
+                if first is not None and first.WhichOneof("body") == "hello":
+                    claimed = first.hello.client_id
+                cid, nonce = self.admission.check_hello(first, context)
+                self._check_vacancy(cid)
+                yield pb.ServerMessage(challenge=pb.Challenge(session_id=self.session_id, nonce=nonce))
+                proof = next(request_iterator, None)
+                self.admission.check_proof(proof, cid, nonce)
+                link = self._join(cid, first, proof)
+        except Refusal as refusal:
+            self._refuse(claimed, refusal.reason)
+            context.abort(refusal.status, refusal.reason)
+            return
+        except grpc.RpcError:
+            self._refuse(claimed, "no answer before the admission deadline")
+            return
+        if not context.add_callback(lambda: self._gone(link)):  # cancelled at the deadline, after joining
+            self._gone(link)
+            return
+        reader = threading.Thread(target=self._read, args=(link, request_iterator), daemon=True)
+        reader.start()
+        while True:
+            item = link.outbox.get()
+            if item is None:
+                return
+            yield item
+
+    def _check_vacancy(self, cid: str) -> None:
+        with self._lock:
+            if self._started:
+                raise Refusal(grpc.StatusCode.UNAVAILABLE, "the session has already started")
+            if cid in self.links:
+                raise Refusal(grpc.StatusCode.ALREADY_EXISTS, f"client {cid!r} is already connected")
+
+    def _join(self, cid: str, hello, proof) -> Link:
+        link = Link(cid)
+        with self._lock:
+            if self._started or cid in self.links:
+                raise Refusal(grpc.StatusCode.ALREADY_EXISTS, f"client {cid!r} is already connected")
+            self.links[cid] = link
+            self._joined.notify_all()
+        # Only now, authenticated, is anything recorded under the client's name.
+        self.transcript.record(cid, None, "hello", hello.SerializeToString())
+        self.transcript.record(cid, None, "hello_proof", proof.SerializeToString())
+        self.log(f"client {cid} joined ({len(self.links)}/{self.cfg.expected_clients})")
+        return link
+
+    def _refuse(self, claimed: str, reason: str) -> None:
+        shown = claimed if ID_PATTERN.fullmatch(claimed) else "(no valid Hello)"
+        self.refused.append(f"{shown}: {reason}")
+        self.transcript.record("(refused)", None, "refused", refusal_record(shown, reason))
+        self.log(f"refused {shown!r}: {reason}")
+
+    def _read(self, link: Link, request_iterator) -> None:
+        try:
+            for msg in request_iterator:
+                kind = msg.WhichOneof("body")
+                payload = msg.SerializeToString()
+                rnd = getattr(getattr(msg, kind), "round", None)
+                self.transcript.record(link.id, rnd, kind, payload)
+                link.bytes_received += len(payload)
+                self.events.put((link.id, msg))
+        except grpc.RpcError:
+            pass
+        finally:
+            self._gone(link)
+
+    def _gone(self, link: Link) -> None:
+        if link.alive:
+            link.alive = False
+            self.events.put((link.id, None))
+
+    # ---- the federation, step by step ----------------------------------------------
+    def federate(self) -> dict:
+        """Run the federation on the admitted streams, write the outputs; return the report.
+
+        On ``FederationAborted`` every client is told why, and nothing is written.
+        """
+        try:
+            return self._federate()
+        except FederationAborted as exc:
+            for link in list(self.links.values()):
+                link.send(abort=pb.Abort(reason=str(exc)))
+            raise
+
+    def hang_up(self) -> None:
+        """End every client's stream (after Finished or Abort)."""
+        for link in list(self.links.values()):
+            link.outbox.put(None)
+
+    def close(self) -> None:
+        self.transcript.close()
+        if self.aggregator is not None:
+            self.aggregator.close()
+
+    def _federate(self) -> dict:
+        eval_before = self._evaluate() if self.cfg.eval_sources else None
+        t0 = time.perf_counter()
+        self._await_members()
+        self.timings["join"] = time.perf_counter() - t0
+        self._open_session()
+        ranges = self._round_ranges()
+        salts = layer_salts(self.lm.model)
+        final = np.zeros(self.layout.total, dtype=bool)
+        for rnd, (offset, length, slots) in enumerate(ranges):
+            final[offset : offset + length] = self._round(rnd, offset, length, slots, salts)
+            self.log(f"round {rnd + 1}/{len(ranges)} done")
+        self.timings["federation"] = time.perf_counter() - t0
+        self.timings["key_agreement"] = sum(r.get("keys_s", 0.0) for r in self.rounds)
+        packed = packed_mask(final)
+        report = self._report(final, packed, eval_before)
+        write_outputs(
+            self.cfg.output_dir,
+            packed,
+            self.layout,
+            self.fingerprint,
+            report,
+            self.lm if self.cfg.save_model else None,
+        )
+        for cid in self.alive():
+            self.links[cid].send(
+                finished=pb.Finished(
+                    report_json=json.dumps({"final_mask_sha256": report["final_mask_sha256"]})
+                )
+            )
+        return report
+
+    def _await_members(self) -> None:
+        """Step 1: wait for the expected clients until the join deadline; then close the door."""
+        cfg = self.cfg
+        deadline = time.monotonic() + cfg.join_deadline_s
+        with self._lock:
+            while len(self.links) < cfg.expected_clients and time.monotonic() < deadline:
+                self._joined.wait(timeout=max(0.0, deadline - time.monotonic()))
+            self._started = True
+            members = sorted(c for c, link in self.links.items() if link.alive)
+        if len(members) < cfg.min_clients:
+            raise FederationAborted(f"only {len(members)} clients joined, at least {cfg.min_clients} needed")
+        self.members = members
+        self.index = {cid: i for i, cid in enumerate(members)}
+
+    def _open_session(self) -> None:
+        """Step 2: the threshold (secure mode: t > g/2 of every sharing group), the lane width,
+        session.json, a Welcome for every member, and the aggregator."""
+        cfg = self.cfg
+        n = len(self.members)
+        group = (n - 1 if not cfg.neighbours or cfg.neighbours >= n - 1 else cfg.neighbours) + 1
+        self.threshold = cfg.threshold or default_threshold(group, cfg.threat_model)
+        if cfg.mode == "secure" and not group // 2 < self.threshold <= group:
+            raise FederationAborted(
+                f"threshold {self.threshold} must be more than half of each sharing group of {group} "
+                f"and at most {group}"
+            )
+        self.lane_bits = lane_bits_for(n)  # the vote counts 0..n fit
+        self.session_meta = {
+            "mode": cfg.mode,
+            "strategy": cfg.strategy,
+            "members": self.members,
+            "lane_bits": self.lane_bits,
+            "threshold": self.threshold,
+            "threat_model": cfg.threat_model,
+            "session_id": self.session_id.hex(),
+            "fingerprint": self.fingerprint.hex(),
+            "server_public": raw_public(self.identity.public_key()).hex(),
+            "store_payloads": cfg.store_payloads,
+            "decoded": [],
+        }
+        self.transcript.write_meta("session.json", self.session_meta)
+        for cid in self.members:
+            self.links[cid].send(welcome=self._welcome(cid))
+        if cfg.mode == "secure":
+            self.aggregator = SecureAggregator(
+                self,
+                session_id=self.session_id,
+                roster={self.index[c]: self.roster[c] for c in self.members},
+                threshold=self.threshold,
+                lane_bits=self.lane_bits,
+                chunk_elems=cfg.chunk_elems,
+                neighbours=cfg.neighbours or None,
+                work_dir=cfg.output_dir,
+            )
+        else:  # plain votes travel at 1 bit per weight
+            self.aggregator = PlainAggregator(
+                self, lane_bits=1, chunk_elems=cfg.chunk_elems, min_clients=cfg.min_clients
+            )
+
+    def _welcome(self, cid: str) -> pb.Welcome:
+        return pb.Welcome(
+            session_id=self.session_id,
+            index=self.index[cid],
+            mode=self.cfg.mode,
+            strategy=self.cfg.strategy,
+            **convert.prune_to_welcome(self.prune_cfg),
+            threshold=self.threshold,
+            neighbours=self.cfg.neighbours,
+            lane_bits=self.lane_bits,
+            chunk_elems=self.cfg.chunk_elems,
+            fingerprint=self.fingerprint,
+            roster=[
+                pb.RosterEntry(index=self.index[c], client_id=c, identity_public=self.roster[c])
+                for c in self.members
+            ],
+            manifest=[
+                pb.LayerSlot(name=s.name, block=s.block, rows=s.shape[0], cols=s.shape[1], offset=s.offset)
+                for s in self.layout.slots
+            ],
+            deadline_s=self.cfg.round_deadline_s,
+        )
+
+    def _round_ranges(self) -> list[tuple[int, int, tuple[LayerSlot, ...]]]:
+        """(offset, length, slots) of every round: the whole vector, or one decoder block each."""
+        lay = self.layout
+        if self.cfg.strategy == "one-shot":
+            return [(0, lay.total, lay.slots)]
+        return [(*lay.block_range(b), lay.block_slots(b)) for b in range(lay.num_blocks)]
+
+    def _round(
+        self, rnd: int, offset: int, length: int, slots: tuple[LayerSlot, ...], salts: LayerSalts
+    ) -> np.ndarray:
+        """Step 3: one round; returns the final mask of ``[offset, offset + length)``."""
+        t1 = time.perf_counter()
+        for cid in self.alive():
+            self.links[cid].send(round_start=pb.RoundStart(round=rnd, offset=offset, length=length))
+        counts, contributors = self.aggregator.aggregate(rnd, length)
+        t2 = time.perf_counter()
+        self.log(f"round {rnd}: selection over {len(contributors)} contributors")
+        mask = self._select(rnd, counts, offset, slots, len(contributors), salts)
+        self._broadcast_mask(rnd, mask)
+        self._send_receipt(rnd)
+        self.rounds.append(
+            {
+                "round": rnd,
+                "offset": offset,
+                "length": length,
+                "contributors": [self.members[i] for i in contributors],
+                "aggregate_s": t2 - t1,
+                "selection_s": time.perf_counter() - t2,
+                **self.aggregator.round_report,
+            }
+        )
+        return mask
+
+    def _select(
+        self,
+        rnd: int,
+        counts: np.ndarray,
+        offset: int,
+        slots: tuple[LayerSlot, ...],
+        contributors: int,
+        salts: LayerSalts,
+    ) -> np.ndarray:
+        """FedPrLLM's server step on one round's vote counts: check, select, prune the model.
+
+        Masking hides the inputs, so the counts are the only place a malformed vote shows.
+        """
+        per_layer = self.layout.unflatten(counts, offset)
+        layer_counts = {name: torch.from_numpy(c.astype(np.int16)) for name, c in per_layer.items()}
+        try:
+            for name, votes in layer_counts.items():
+                check_vote_counts(votes, self.prune_cfg, contributors, name)
+        except VoteCountError as exc:
+            raise FederationAborted(
+                f"round {rnd} aborted: {exc}; a client sent votes no honest client can send"
+            ) from exc
+        masks = apply_vote_counts(self.lm.model, layer_counts, self.prune_cfg, contributors, salts)
+        return self.layout.flatten(masks, slots)
+
+    def _broadcast_mask(self, rnd: int, mask: np.ndarray) -> None:
+        for start in range(0, len(mask), MASK_CHUNK_BITS):
+            part = np.packbits(mask[start : start + MASK_CHUNK_BITS], bitorder="little").tobytes()
+            last = start + MASK_CHUNK_BITS >= len(mask)
+            for cid in self.alive():
+                self.links[cid].send(final_mask=pb.FinalMask(round=rnd, offset=start, data=part, last=last))
+
+    def _send_receipt(self, rnd: int) -> None:
+        """Sign the transcript's head and give every client a copy to keep (see nodes.audit)."""
+        records, head = self.transcript.head()
+        signature = sign(self.identity, receipt_message(self.session_id, rnd, records, head))
+        receipt = pb.Receipt(
+            round=rnd,
+            records=records,
+            head=head,
+            server_public=raw_public(self.identity.public_key()),
+            signature=signature,
+        )
+        for cid in self.alive():
+            self.links[cid].send(receipt=receipt)
+
+    # ---- the Federation an aggregator sees -------------------------------------------
+    def alive(self) -> list[str]:
+        return [c for c in self.members if self.links[c].alive]
+
+    def send(self, client_id: str, **body) -> None:
+        self.links[client_id].send(**body)
+
+    def collect(self, expected: set[str], handle: Handler, what: str) -> set[str]:
+        """Feed events to ``handle`` until every expected client is done, gone, or the deadline.
+
+        A message ``handle`` refuses (``ProtocolViolation``, ``SecAggError``) and a message from
+        a client not expected now are rejected and counted; the sender stays in the round.
+        """
+        done: set[str] = set()
+        deadline = time.monotonic() + self.cfg.round_deadline_s
+        while expected - done:
+            missing = {c for c in expected - done if self.links[c].alive}
+            if not missing:
+                break
+            try:
+                cid, msg = self.events.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                self.log(f"deadline passed waiting for {what} from {sorted(missing)}")
+                break
+            if msg is None:
+                if cid in expected - done:
+                    self.log(f"client {cid} disconnected during {what}")
+                continue
+            if cid not in expected or cid in done:
+                kind = msg.WhichOneof("body")
+                late = kind in LATE_KINDS
+                self._reject("late" if late else "unexpected", f"{kind} from {cid} during {what}")
+                continue
+            try:
+                if handle(cid, msg):
+                    done.add(cid)
+            except (SecAggError, ProtocolViolation) as exc:
+                self._reject(type(exc).__name__, f"{cid}: {exc}")
+        return done
+
+    def record_decoded(self, rnd: int, description: str, dropped: list[str]) -> None:
+        self.session_meta["decoded"].append(description)
+        self.session_meta.setdefault("dropped", {})[str(rnd)] = dropped
+        self.transcript.write_meta("session.json", self.session_meta)
+
+    def _reject(self, kind: str, detail: str) -> None:
+        self.rejected[kind] = self.rejected.get(kind, 0) + 1
+        self.log(f"rejected ({kind}): {detail}")
+
+    # ---- the report ------------------------------------------------------------------
+    def _evaluate(self) -> dict[str, float]:
+        return perplexities(self.lm, self.cfg.eval_sources, self.cfg.eval_seqlen, self.cfg.eval_windows)
+
+    def _report(self, final: np.ndarray, packed: bytes, eval_before) -> dict:
+        report = {
+            "config": {k: v for k, v in asdict(self.cfg).items() if k != "roster"},
+            "members": self.members,
+            "fingerprint": self.fingerprint.hex(),
+            **mask_summary(final, packed, self.layout),
+            "rounds": self.rounds,
+            "bytes_received": {c: self.links[c].bytes_received for c in self.members},
+            "rejected": self.rejected,
+            "refused": self.refused,
+            "timings": self.timings,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }
+        if eval_before is not None:
+            report["perplexity_before"] = eval_before
+            report["perplexity_after"] = self._evaluate()
+        return report
