@@ -236,6 +236,10 @@ def _cmd_simulate(args) -> int:
             "timings": {"load_model": load_s, "prepare_data": data_s},
             **report,
         }
+        if args.device == "cuda":
+            import torch
+
+            report["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated()
         table = markdown_table(report)
         print(table, end="")
         if args.study:
