@@ -202,7 +202,7 @@ def main() -> int:
             print(f"run {item} failed: {proc.stderr.strip()[-500:]}", file=sys.stderr)
             return 1
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        print(f"done {item}: {rows[-1]['wall_s']:.0f} s", file=sys.stderr, flush=True)
+        print(f"done {item}: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
     meta = {
         "shape": args.shape,
         "config": SHAPES[args.shape],
