@@ -20,7 +20,7 @@ matrix weights is refused rather than pruned to a misleading sparsity.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -139,10 +139,11 @@ class Coverage:
         return self.prunable / self.total if self.total else 0.0
 
 
-def coverage(model: nn.Module) -> Coverage:
+def coverage(model: nn.Module, blocks: Iterable[nn.Module] | None = None) -> Coverage:
+    """Coverage over ``blocks`` (default: all the model's decoder blocks)."""
     prunable = total = 0
     dense: dict[str, int] = {}
-    for block in decoder_blocks(model):
+    for block in decoder_blocks(model) if blocks is None else blocks:
         prunable += sum(w.numel() for w in block_matrices(block).values())
         total += sum(p.numel() for p in block_matrix_params(block).values())
         for name, count in _dense_params(block).items():
@@ -150,9 +151,10 @@ def coverage(model: nn.Module) -> Coverage:
     return Coverage(prunable, total, dense)
 
 
-def check_coverage(model: nn.Module) -> Coverage:
-    """Refuse a model whose prunable matrices cover less than ``MIN_COVERAGE`` of its blocks."""
-    cov = coverage(model)
+def check_coverage(model: nn.Module, blocks: Iterable[nn.Module] | None = None) -> Coverage:
+    """Refuse a model whose prunable matrices cover less than ``MIN_COVERAGE`` of its blocks
+    (``blocks``: the loaded ones of a streamed model, whose others are on meta)."""
+    cov = coverage(model, blocks)
     if cov.fraction < MIN_COVERAGE:
         worst = sorted(cov.dense.items(), key=lambda kv: -kv[1])
         named = ", ".join(f"{n} ({c:,} weights)" for n, c in worst[:6])

@@ -148,11 +148,16 @@ def prunable_weights(model: nn.Module) -> dict[str, torch.Tensor]:
 def fingerprint(model: nn.Module) -> str:
     """SHA-256 over the prunable weights (name, dtype, shape, raw bytes) in layout order."""
     digest = hashlib.sha256()
-    for name, weight in prunable_weights(model).items():
+    digest_weights(digest, prunable_weights(model))
+    return digest.hexdigest()
+
+
+def digest_weights(digest, weights: dict[str, torch.Tensor]) -> None:
+    """Feed (name, dtype, shape, raw bytes) of each weight to a running hash (``fingerprint``)."""
+    for name, weight in weights.items():
         w = weight.detach().to("cpu").contiguous()
         digest.update(f"{name}|{w.dtype}|{tuple(w.shape)}\n".encode())
         digest.update(w.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 @dataclass
@@ -181,6 +186,28 @@ def _embedded_hf_dir() -> Path:
     with cache_lock(SMOLLM2_GGUF.name):
         if not (converted / "config.json").exists():
             _convert_gguf(gguf_path, converted)
+    return converted
+
+
+def gguf_safetensors_dir(gguf_path: Path) -> Path:
+    """A GGUF file converted once to a float32 safetensors directory, cached by the
+    file's path, size and modification time (the streamed passes read safetensors)."""
+    if gguf_path.resolve() == fetch_asset(SMOLLM2_GGUF).resolve():
+        return _embedded_hf_dir()
+    stat = gguf_path.stat()
+    tag = hashlib.sha256(f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
+    converted = cache_dir() / "gguf" / f"{gguf_path.stem}-{tag[:16]}"
+    if (converted / "config.json").exists():
+        return converted
+    converted.parent.mkdir(parents=True, exist_ok=True)
+    with cache_lock(f"gguf-{tag[:16]}"):
+        if not (converted / "config.json").exists():
+            try:
+                _convert_gguf(gguf_path, converted)
+            except _LOAD_ERRORS as exc:
+                raise ModelError(
+                    f"cannot convert GGUF {gguf_path}: {' '.join(str(exc).split())[:300]}"
+                ) from exc
     return converted
 
 
@@ -246,14 +273,19 @@ def _load_errors() -> tuple[type[BaseException], ...]:
 _LOAD_ERRORS = _load_errors()
 
 
-def load_model(spec: str, dtype: str = "float32", device: Device = "cpu") -> LoadedModel:
-    """Load a causal LM and its tokenizer from a spec (embedded name, hub id, dir, .gguf)."""
+def check_device(dtype: str, device: str) -> None:
+    """Refuse an unknown dtype or device, or CUDA without a GPU (``ModelError``)."""
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if device == "cuda" and not torch.cuda.is_available():
         raise ModelError("device 'cuda' requested but no CUDA GPU is available")
     if device not in ("cpu", "cuda"):
         raise ModelError(f"unknown device {device!r}; choose cpu or cuda")
+
+
+def load_model(spec: str, dtype: str = "float32", device: Device = "cpu") -> LoadedModel:
+    """Load a causal LM and its tokenizer from a spec (embedded name, hub id, dir, .gguf)."""
+    check_device(dtype, device)
     source, extra = resolve_spec(spec)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

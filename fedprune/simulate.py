@@ -7,10 +7,14 @@ and by the paper study grid.
 
 from __future__ import annotations
 
+import os
+import shutil
 import statistics
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 
@@ -33,6 +37,7 @@ from .models import LoadedModel, prunable_weights
 from .statistics import StatisticsConfig
 from .statistics_run import VectorSum, plain_vector_sum, prune_statistics
 from .strategies import STRATEGIES, Aggregate, plain_sum, prune
+from .streaming import PrunedWriter, SafetensorsCheckpoint, StreamedModel
 
 
 @dataclass(frozen=True)
@@ -107,7 +112,7 @@ class PreparedData:
     pooled_windows: torch.Tensor
 
 
-def prepare_data(lm: LoadedModel, data: DataConfig) -> PreparedData:
+def prepare_data(lm: LoadedModel | StreamedModel, data: DataConfig) -> PreparedData:
     """Tokenize the sources, sample calibration windows, split them, cut eval windows.
 
     The ``reference`` partition also tokenizes as the reference does, with the
@@ -159,15 +164,63 @@ class WeightSnapshot:
             weight.copy_(self._saved[name])
 
 
-def evaluate(lm: LoadedModel, eval_sets: dict[str, torch.Tensor], progress: bool) -> dict[str, float]:
+Model = LoadedModel | StreamedModel
+
+
+def evaluate(
+    lm: Model, eval_sets: dict[str, torch.Tensor], progress: bool, pruned: Path | None = None
+) -> dict[str, float]:
+    """Perplexity per eval set; a streamed model reads its blocks from ``pruned`` (default: its source)."""
+    blocks = None
+    if isinstance(lm, StreamedModel):
+        blocks = lm.blocks(None if pruned is None else SafetensorsCheckpoint(pruned))
     return {
-        label: perplexity(lm.model, windows, progress=progress, desc=f"perplexity {label}")
+        label: perplexity(lm.model, windows, progress=progress, desc=f"perplexity {label}", blocks=blocks)
         for label, windows in eval_sets.items()
     }
 
 
+class _Workspace:
+    """Where a streamed model's pruned copies go: one directory per run, removed after
+    evaluation except the last one kept (moved to ``keep_last``) when asked."""
+
+    def __init__(self, work_dir: Path | None) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="fedprune-pruned-", dir=work_dir))
+
+    def new(self) -> Path:
+        return Path(tempfile.mkdtemp(dir=self.root))
+
+    def close(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _prune(model, parties: Sequence[torch.Tensor], spec: RunSpec, strategy: str, **kwargs):
+    """The strategy's pruning function: statistics rounds, or mask voting and its baselines."""
+    if strategy == "statistics":
+        return prune_statistics(model, parties, spec.prune, **kwargs)
+    return prune(model, parties, spec.prune, strategy, **kwargs)
+
+
+def _prune_into(
+    lm: StreamedModel, out: Path, parties: Sequence[torch.Tensor], spec: RunSpec, strategy: str, **kwargs
+):
+    """Prune block by block from the source, writing each pruned block into ``out``."""
+    writer = PrunedWriter(lm, out)
+    result = _prune(
+        lm.model,
+        parties,
+        spec,
+        strategy,
+        blocks=lm.blocks(on_release=writer.write_block),
+        keep_masks=False,
+        **kwargs,
+    )
+    writer.finish()
+    return result, writer.block_sparsity().all_matrices
+
+
 def run_spec(
-    lm: LoadedModel,
+    lm: Model,
     data: PreparedData,
     spec: RunSpec,
     *,
@@ -176,25 +229,56 @@ def run_spec(
     secure: bool = False,
     progress: bool = True,
 ) -> dict:
-    """Prune with one spec (model left pruned), evaluate, and return the report entry.
+    """Prune with one spec (an in-memory model is left pruned), evaluate, and return
+    the report entry.
 
     ``aggregate`` sums vote masks, ``vector_sum`` statistics vectors; ``secure`` says
     whether they hide the clients' inputs (differential privacy requires it).
     """
+    return run_study(
+        lm,
+        data,
+        [spec],
+        aggregate=aggregate,
+        vector_sum=vector_sum,
+        secure=secure,
+        progress=progress,
+        evaluate_dense=False,
+    )["runs"][0]
+
+
+def _run_spec(
+    lm: Model,
+    data: PreparedData,
+    spec: RunSpec,
+    *,
+    aggregate: Aggregate,
+    vector_sum: VectorSum,
+    secure: bool,
+    progress: bool,
+    workspace: _Workspace | None,
+) -> tuple[dict, Path | None]:
+    """``run_spec``, returning also the pruned model's directory (streamed model; else None)."""
     entry: dict = {"label": spec.label, "strategy": spec.strategy, "config": asdict(spec.prune)}
     nsamples = len(data.pooled_windows)
+    streamed = isinstance(lm, StreamedModel)
     if spec.strategy == "local-only":
-        snapshot = WeightSnapshot(lm)
+        snapshot = None if streamed else WeightSnapshot(lm)
         per_client, sparsities, block_sparsities, times = [], [], [], []
+        out = None
         for windows in data.client_windows:
-            snapshot.restore(lm)
-            result = prune(
-                lm.model, [windows], spec.prune, "centralized", progress=progress, nsamples=nsamples
-            )
+            kwargs = {"progress": progress, "nsamples": nsamples}
+            if streamed:
+                out = workspace.new()
+                result, all_matrices = _prune_into(lm, out, [windows], spec, "centralized", **kwargs)
+            else:
+                snapshot.restore(lm)
+                result = prune(lm.model, [windows], spec.prune, "centralized", **kwargs)
+                all_matrices = block_sparsity(lm.model).all_matrices
             times.append(result.timings["prune_total"])
             sparsities.append(result.sparsity()[0])
-            block_sparsities.append(block_sparsity(lm.model).all_matrices)
-            per_client.append(evaluate(lm, data.eval_sets, progress))
+            block_sparsities.append(all_matrices)
+            per_client.append(evaluate(lm, data.eval_sets, progress, out))
         entry["perplexity"] = {
             label: statistics.fmean(p[label] for p in per_client) for label in data.eval_sets
         }
@@ -205,41 +289,34 @@ def run_spec(
         entry["sparsity"] = statistics.fmean(sparsities)
         entry["sparsity_all_block_matrices"] = statistics.fmean(block_sparsities)
         entry["timings"] = {"prune_total": sum(times), "prune_per_client_mean": statistics.fmean(times)}
-        return entry
+        return entry, out
     if spec.strategy == "statistics":
-        result = prune_statistics(
-            lm.model,
-            data.client_windows,
-            spec.prune,
-            spec.statistics,
-            vector_sum=vector_sum,
-            secure=secure,
-            progress=progress,
-        )
-        entry["statistics"] = result.details
+        parties = data.client_windows
+        kwargs = {"stats": spec.statistics, "vector_sum": vector_sum, "secure": secure, "progress": progress}
     else:
         parties = [data.pooled_windows] if spec.strategy == "centralized" else data.client_windows
-        result = prune(
-            lm.model,
-            parties,
-            spec.prune,
-            spec.strategy,
-            aggregate=aggregate,
-            progress=progress,
-            nsamples=nsamples,
-        )
+        kwargs = {"aggregate": aggregate, "progress": progress, "nsamples": nsamples}
+    out = None
+    if streamed:
+        out = workspace.new()
+        result, all_matrices = _prune_into(lm, out, parties, spec, spec.strategy, **kwargs)
+    else:
+        result = _prune(lm.model, parties, spec, spec.strategy, **kwargs)
+        all_matrices = block_sparsity(lm.model).all_matrices
+    if spec.strategy == "statistics":
+        entry["statistics"] = result.details
     global_sparsity, per_layer = result.sparsity()
     t0 = time.perf_counter()
-    entry["perplexity"] = evaluate(lm, data.eval_sets, progress)
+    entry["perplexity"] = evaluate(lm, data.eval_sets, progress, out)
     entry["sparsity"] = global_sparsity
-    entry["sparsity_all_block_matrices"] = block_sparsity(lm.model).all_matrices
+    entry["sparsity_all_block_matrices"] = all_matrices
     entry["sparsity_per_layer"] = per_layer
     entry["timings"] = {**result.timings, "evaluation": time.perf_counter() - t0}
-    return entry
+    return entry, out
 
 
 def run_study(
-    lm: LoadedModel,
+    lm: Model,
     data: PreparedData,
     specs: Sequence[RunSpec],
     *,
@@ -248,22 +325,45 @@ def run_study(
     secure: bool = False,
     progress: bool = True,
     evaluate_dense: bool = True,
+    work_dir: Path | None = None,
+    keep_last: Path | None = None,
 ) -> dict:
     """Run every spec from the same dense weights; return {'dense': ..., 'runs': [...]}.
 
-    The model is left pruned by the last spec (so a single run can be saved).
+    An in-memory model is left pruned by the last spec (so a single run can be
+    saved). A streamed model is never modified: each spec reads the source and
+    writes its pruned copy under ``work_dir`` (default: the system's temporary
+    directory), evaluated and then removed; the last one is moved to
+    ``keep_last`` when given (a path that does not exist yet).
     """
-    snapshot = WeightSnapshot(lm)
+    streamed = isinstance(lm, StreamedModel)
+    snapshot = None if streamed else WeightSnapshot(lm)
+    workspace = _Workspace(work_dir) if streamed else None
     report: dict = {"runs": []}
-    if evaluate_dense:
-        report["dense"] = {"perplexity": evaluate(lm, data.eval_sets, progress)}
-    for spec in specs:
-        snapshot.restore(lm)
-        report["runs"].append(
-            run_spec(
-                lm, data, spec, aggregate=aggregate, vector_sum=vector_sum, secure=secure, progress=progress
+    try:
+        if evaluate_dense:
+            report["dense"] = {"perplexity": evaluate(lm, data.eval_sets, progress)}
+        for n, spec in enumerate(specs):
+            if snapshot is not None:
+                snapshot.restore(lm)
+            entry, out = _run_spec(
+                lm,
+                data,
+                spec,
+                aggregate=aggregate,
+                vector_sum=vector_sum,
+                secure=secure,
+                progress=progress,
+                workspace=workspace,
             )
-        )
+            report["runs"].append(entry)
+            if out is not None and keep_last is not None and n == len(specs) - 1:
+                os.replace(out, keep_last)
+            elif out is not None:
+                shutil.rmtree(out, ignore_errors=True)
+    finally:
+        if workspace is not None:
+            workspace.close()
     return report
 
 

@@ -39,6 +39,7 @@ from .statistics import (
     window_sensitivity,
 )
 from .strategies import PruneResult
+from .streaming import RESIDENT, BlockSource
 
 VectorSum = Callable[[Sequence[np.ndarray]], np.ndarray]
 
@@ -68,12 +69,16 @@ def prune_statistics(
     secure: bool = False,
     progress: bool = True,
     rng: np.random.Generator | None = None,
+    blocks: BlockSource = RESIDENT,
+    keep_masks: bool = True,
 ) -> StatisticsResult:
     """Prune ``model`` in place with exact federated Wanda; ``client_windows[c]`` is client c's data.
 
     ``secure`` says whether ``vector_sum`` hides the individual vectors; differential
     privacy without it is refused (each client's noise share would be seen alone).
     ``rng`` draws the noise shares (tests); by default each client seeds from the OS.
+    ``blocks`` and ``keep_masks`` are those of ``strategies.prune`` (a streamed model
+    loads each block before its round and writes it out pruned after).
     """
     stats = stats or StatisticsConfig()
     if stats.dp is not None and not secure:
@@ -102,9 +107,11 @@ def prune_statistics(
         return ClippedSquareSums(columns, device, stats.clip)
 
     final_masks: dict[str, torch.Tensor] = {}
+    pruned_counts: dict[str, tuple[int, int]] = {}
     per_block: list[dict] = []
     clipped_tokens = clamped = 0
     for i in tqdm(range(slots.num_blocks), desc="statistics pruning", unit="block", disable=not progress):
+        blocks.load(i)
         block_layout = BlockLayout.from_slots(slots.block_slots(i))
         sigma = 0.0
         if calibration is not None:
@@ -132,13 +139,16 @@ def prune_statistics(
         masks = select_block_masks(weights, pooled.sq_norm, config)
         for name, mask in masks.items():
             apply_mask(weights[name], mask)
-            final_masks[name] = mask.cpu()
+            pruned_counts[name] = (int(mask.sum()), mask.numel())
+            if keep_masks:
+                final_masks[name] = mask.cpu()
         timings["selection"] += time.perf_counter() - t0
         per_block.append({"scale_bits": codec.scale_bits, "sigma": sigma, "elements": block_layout.length})
         if i < slots.num_blocks - 1:
             t0 = time.perf_counter()
             hidden = [runner.forward(i, h) for runner, h in zip(runners, hidden, strict=True)]
             timings["calibration"] += time.perf_counter() - t0
+        blocks.release(i)
     timings["prune_total"] = time.perf_counter() - start
     details = {
         "aggregation": "secure" if secure else "plain",
@@ -166,4 +176,4 @@ def prune_statistics(
             "assumptions": "honest-but-curious server not colluding with clients; secure aggregation "
             "hides each client's noise share; every client contributes to every round",
         }
-    return StatisticsResult(final_masks, num_clients, timings, details)
+    return StatisticsResult(final_masks, num_clients, timings, pruned_counts, details)

@@ -33,6 +33,7 @@ from .errors import PruningConfigError
 from .models import decoder_blocks, layout, prunable_weights
 from .propagation import BlockRunner
 from .selection import LayerSalts, apply_mask, scale_retained, select_final_mask, uses_reference_fill
+from .streaming import RESIDENT, BlockSource
 from .wanda import local_mask, wanda_scores
 
 Strategy = Literal["centralized", "one-shot", "iterative"]
@@ -55,17 +56,24 @@ def plain_sum(client_masks: Sequence[MaskSet]) -> dict[str, torch.Tensor]:
 
 @dataclass
 class PruneResult:
-    """The final masks (True = pruned) applied to the model, with stage timings."""
+    """The final masks (True = pruned) applied to the model, with stage timings.
+
+    ``final_masks`` is empty when the run was asked not to keep them (a streamed
+    model: all masks of a large model do not fit in memory); ``pruned_counts``
+    (name -> (pruned, total)) is always filled.
+    """
 
     final_masks: dict[str, torch.Tensor]
     num_clients: int
     timings: dict[str, float] = field(default_factory=dict)
+    pruned_counts: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def sparsity(self) -> tuple[float, dict[str, float]]:
         """Global and per-layer fraction of pruned prunable weights."""
-        per_layer = {n: m.float().mean().item() for n, m in self.final_masks.items()}
-        pruned = sum(int(m.sum()) for m in self.final_masks.values())
-        total = sum(m.numel() for m in self.final_masks.values())
+        counts = self.pruned_counts or {n: (int(m.sum()), m.numel()) for n, m in self.final_masks.items()}
+        per_layer = {n: pruned / total for n, (pruned, total) in counts.items()}
+        pruned = sum(p for p, _ in counts.values())
+        total = sum(t for _, t in counts.values())
         return pruned / total, per_layer
 
 
@@ -124,16 +132,20 @@ def local_pruning_masks(
     *,
     progress: bool = False,
     on_block: Callable[[int], None] | None = None,
+    blocks: BlockSource = RESIDENT,
 ) -> dict[str, torch.Tensor]:
     """A one-shot client's masks: Wanda block by block through its own pruned blocks.
 
-    The model's weights are left unchanged. ``on_block(done)`` is called after each block.
+    The model's weights are left unchanged. ``on_block(done)`` is called after each
+    block; ``blocks`` loads and releases each block (a streamed model).
     """
     pruner = ClientPruner(model, windows, config)
     masks: dict[str, torch.Tensor] = {}
     for i in tqdm(range(len(pruner.blocks)), desc="local pruning", unit="block", disable=not progress):
+        blocks.load(i)
         block_masks = pruner.local_masks(i)
         pruner.advance(i, block_masks)
+        blocks.release(i)
         masks.update(block_masks)
         if on_block is not None:
             on_block(i + 1)
@@ -180,6 +192,8 @@ def prune(
     aggregate: Aggregate = plain_sum,
     progress: bool = True,
     nsamples: int | None = None,
+    blocks: BlockSource = RESIDENT,
+    keep_masks: bool = True,
 ) -> PruneResult:
     """Prune ``model`` in place with one strategy; ``client_windows[c]`` is client c's data.
 
@@ -187,6 +201,10 @@ def prune(
     centralized and one-shot parties divide their statistics by ``nsamples``
     (default: all clients' windows together), as the reference's zero-padded
     buffers do; iterative clients divide by their own count, as it does there.
+
+    ``blocks`` loads each decoder block before its step and releases it (for a
+    streamed model: writes it out pruned, then frees it) after; ``keep_masks``
+    False keeps only per-layer pruned counts in the result.
     """
     if strategy not in ("centralized", "one-shot", "iterative"):
         raise PruningConfigError(
@@ -205,7 +223,11 @@ def prune(
     clients = [ClientPruner(model, windows, config, stat_windows=stat_windows) for windows in client_windows]
     final_masks: dict[str, torch.Tensor] = {}
     num_blocks = len(decoder_blocks(model))
+    pruned_counts: dict[str, tuple[int, int]] = {}
     for i in tqdm(range(num_blocks), desc=f"{strategy} pruning", unit="block", disable=not progress):
+        t0 = time.perf_counter()
+        blocks.load(i)
+        timings["load"] = timings.get("load", 0.0) + time.perf_counter() - t0
         t0 = time.perf_counter()
         local = [client.local_masks(i) for client in clients]
         if strategy == "one-shot":
@@ -224,11 +246,17 @@ def prune(
             t0 = time.perf_counter()
             block_final = apply_vote_counts(model, counts, config, num_clients, salts)
             timings["selection"] += time.perf_counter() - t0
-        final_masks.update({n: m.cpu() for n, m in block_final.items()})
+        pruned_counts.update({n: (int(m.sum()), m.numel()) for n, m in block_final.items()})
+        if keep_masks:
+            final_masks.update({n: m.cpu() for n, m in block_final.items()})
+        del local, block_final
         if strategy != "one-shot":
             t0 = time.perf_counter()
             for client in clients:
                 client.advance(i)
             timings["calibration"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        blocks.release(i)
+        timings["release"] = timings.get("release", 0.0) + time.perf_counter() - t0
     timings["prune_total"] = time.perf_counter() - start
-    return PruneResult(final_masks=final_masks, num_clients=num_clients, timings=timings)
+    return PruneResult(final_masks, num_clients, timings, pruned_counts)

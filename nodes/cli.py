@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -141,6 +143,22 @@ def _add_simulate(sub) -> None:
     p.set_defaults(func=_cmd_simulate)
 
 
+def _add_traffic(report: dict, lm, args) -> None:
+    """Bytes per client for each federated run, next to one-shot voting for statistics."""
+    from fedprune.models import layout
+
+    from .traffic import traffic
+
+    model_layout = layout(lm.model)
+    for run in report["runs"]:
+        if run["strategy"] in ("one-shot", "iterative", "statistics"):
+            run["traffic"] = traffic(model_layout, run["strategy"], args.secure, args.clients)
+            if run["strategy"] == "statistics":
+                run["traffic"]["one_shot_voting"] = traffic(
+                    model_layout, "one-shot", args.secure, args.clients
+                )
+
+
 def _cmd_simulate(args) -> int:
     from dataclasses import asdict, replace
 
@@ -186,6 +204,7 @@ def _cmd_simulate(args) -> int:
 
     from fedprune.models import fingerprint, load_model
     from fedprune.simulate import DataConfig, RunSpec, prepare_data, run_study, study_grid
+    from fedprune.streaming import CheckpointNamesError, StreamedModel, load_streamed, streamed_fingerprint
 
     from .report import markdown_table, study_plot_png
 
@@ -213,63 +232,74 @@ def _cmd_simulate(args) -> int:
 
         hf_logging.disable_progress_bar()
     t0 = time.perf_counter()
-    lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    try:
+        lm = load_streamed(args.model, dtype=args.dtype, device=args.device)  # one block at a time
+        model_fp = streamed_fingerprint(lm)
+    except CheckpointNamesError as exc:
+        _log(f"{exc}: loading the whole model in memory instead")
+        lm = load_model(args.model, dtype=args.dtype, device=args.device)
+        model_fp = fingerprint(lm.model)
     load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     data = prepare_data(lm, data_cfg)
     data_s = time.perf_counter() - t0
-    model_fp = fingerprint(lm.model)
+    aggregate = {}
     if args.secure:
         from .secure_sum import secure_sum, secure_vector_sum
 
+        aggregate = {"aggregate": secure_sum, "vector_sum": secure_vector_sum, "secure": True}
+    # The last run's pruned model is written next to --save-model, then swapped in atomically.
+    staging = None
+    if args.save_model and not args.study:
+        target = Path(args.save_model).expanduser()
+        staging = target.with_name(f".{target.name}.pruned-{os.getpid()}")
+    try:
         report = run_study(
             lm,
             data,
             specs,
             progress=progress,
-            aggregate=secure_sum,
-            vector_sum=secure_vector_sum,
-            secure=True,
+            work_dir=None if staging is None else staging.parent,
+            keep_last=staging,
+            **aggregate,
         )
-    else:
-        report = run_study(lm, data, specs, progress=progress)
-    from fedprune.models import layout
+        report = {
+            "model": args.model,
+            "fingerprint": model_fp,
+            "data": asdict(data_cfg),
+            "client_windows": [len(w) for w in data.client_windows],
+            "timings": {"load_model": load_s, "prepare_data": data_s},
+            **report,
+        }
+        _add_traffic(report, lm, args)
+        if args.device == "cuda":
+            import torch
 
-    from .traffic import traffic
+            report["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated()
+        table = markdown_table(report)
+        print(table, end="")
+        if args.study:
+            out_dir.mkdir(exist_ok=True)
+            atomic_write_text(out_dir / "study.md", table)
+            atomic_write_bytes(out_dir / "study.png", study_plot_png(report))
+            atomic_write_text(out_dir / "study.json", json.dumps(report, indent=2))
+            print(f"wrote {out_dir}/study.md, study.png, study.json")
+        if args.json:
+            atomic_write_text(args.json, json.dumps(report, indent=2))
+        if staging is not None:
 
-    model_layout = layout(lm.model)
-    for run in report["runs"]:
-        if run["strategy"] in ("one-shot", "iterative", "statistics"):
-            run["traffic"] = traffic(model_layout, run["strategy"], args.secure, args.clients)
-            if run["strategy"] == "statistics":
-                run["traffic"]["one_shot_voting"] = traffic(
-                    model_layout, "one-shot", args.secure, args.clients
-                )
-    report = {
-        "model": args.model,
-        "fingerprint": model_fp,
-        "data": asdict(data_cfg),
-        "client_windows": [len(w) for w in data.client_windows],
-        "timings": {"load_model": load_s, "prepare_data": data_s},
-        **report,
-    }
-    table = markdown_table(report)
-    print(table, end="")
-    if args.study:
-        out_dir.mkdir(exist_ok=True)
-        atomic_write_text(out_dir / "study.md", table)
-        atomic_write_bytes(out_dir / "study.png", study_plot_png(report))
-        atomic_write_text(out_dir / "study.json", json.dumps(report, indent=2))
-        print(f"wrote {out_dir}/study.md, study.png, study.json")
-    if args.json:
-        atomic_write_text(args.json, json.dumps(report, indent=2))
-    if args.save_model and not args.study:
+            def fill(tmp: Path) -> None:
+                if isinstance(lm, StreamedModel):
+                    for item in staging.iterdir():
+                        os.replace(item, tmp / item.name)
+                else:  # loaded whole, left pruned by the run
+                    lm.model.save_pretrained(tmp, safe_serialization=True)
+                    lm.tokenizer.save_pretrained(tmp)
 
-        def fill(tmp: Path) -> None:
-            lm.model.save_pretrained(tmp, safe_serialization=True)
-            lm.tokenizer.save_pretrained(tmp)
-
-        atomic_write_dir(args.save_model, fill)
+            atomic_write_dir(args.save_model, fill)
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     return 0
 
 

@@ -50,7 +50,7 @@ def test_simulate_writes_report_and_model(tiny_model_dir, text_file, tmp_path):
     assert run["sparsity_all_block_matrices"] == 0.5  # a LLaMA block is all linears
     assert set(run["perplexity"]) == {"private"}
     assert run["timings"]["prune_total"] > 0
-    assert (saved / "model.safetensors").exists()
+    assert (saved / "model.safetensors.index.json").exists()  # written block by block
     assert not list(tmp_path.glob(".*tmp*"))
 
 

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from fedprune.config import PruneConfig
 from fedprune.errors import PruningConfigError
-from fedprune.selection import LayerSalts, scale_retained, select_final_mask
+from fedprune.selection import LayerSalts, scale_retained, select_final_mask, tie_keys
 
 
 def _counts(rows, cols, clients, seed):
@@ -170,3 +170,68 @@ def test_reference_fill_refuses_layers_out_of_order():
 def test_unknown_stats_mode_is_a_config_error():
     with pytest.raises(PruningConfigError, match="statistics mode"):
         PruneConfig(0.5, stats="fast")  # type: ignore[arg-type]
+
+
+def _reference_splitmix_keys(seed: int, salt: int, index: list[int]) -> list[int]:
+    """The tie-key definition in plain Python integers (mod 2^64)."""
+    mask = (1 << 64) - 1
+
+    def mix(z: int) -> int:
+        z &= mask
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        return z ^ (z >> 31)
+
+    base = mix(mix(seed) ^ salt)
+    return [mix(base + (i + 1) * 0x9E3779B97F4A7C15) >> 32 for i in index]
+
+
+def _devices() -> list[str]:
+    return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+
+
+@pytest.mark.parametrize("device", _devices())
+def test_tie_keys_are_the_counter_hash_on_every_device(device):
+    """Known answers from the plain-integer definition, for small, chunk-crossing and huge indices."""
+    index = [0, 1, 2, 65535, 65536, 65537, 2**31 + 5, 2**40 + 3] + list(range(70_000, 200_000, 997))
+    got = tie_keys(7, 123, torch.tensor(index, device=device))
+    assert got.device.type == device
+    assert got.cpu().tolist() == _reference_splitmix_keys(7, 123, index)
+    assert torch.equal(got, tie_keys(7, 123, torch.tensor(index, device=device)))
+    # A key depends on (seed, salt, index) only, not on which other weights are keyed.
+    assert torch.equal(tie_keys(7, 123, torch.tensor(index[5:9], device=device)), got[5:9])
+
+
+@pytest.mark.parametrize("group", ["layer", "row", "column"])
+def test_random_tie_break_orders_by_votes_then_hash_key_then_index(group):
+    """The mask is the first k of (most votes, smallest hash key of the flat index, lowest index)."""
+    rows, cols, seed, salt = 24, 40, 5, 9
+    counts = _counts(rows, cols, 3, 13)
+    mask = select_final_mask(counts, PruneConfig(0.4, comparison_group=group, seed=seed), salt=salt)
+    keys = tie_keys(seed, salt, torch.arange(rows * cols)).reshape(rows, cols).numpy()
+    votes = counts.int().numpy()
+    view = {"layer": lambda a: a.reshape(1, -1), "row": lambda a: a, "column": lambda a: a.T}[group]
+    expected = np.zeros_like(view(votes), dtype=bool)
+    k = int(expected.shape[1] * 0.4)
+    for g, (v, key) in enumerate(zip(view(votes), view(keys), strict=True)):
+        expected[g, np.lexsort((key, -v))[:k]] = True  # lexsort is stable: index breaks key ties
+    assert np.array_equal(view(mask.numpy()), expected)
+
+
+@pytest.mark.parametrize("group", ["layer", "row", "column"])
+def test_without_ties_every_tie_break_is_the_plain_sort(group):
+    """Distinct counts leave nothing to key: random and magnitude equal a sort by votes."""
+    counts = torch.randperm(30 * 20, generator=torch.Generator().manual_seed(2)).reshape(30, 20)
+    weight = torch.randn(30, 20)
+    index = select_final_mask(counts, PruneConfig(0.3, comparison_group=group, tie_break="index"))
+    for tie_break in ("random", "magnitude"):
+        cfg = PruneConfig(0.3, comparison_group=group, tie_break=tie_break, seed=4)
+        assert torch.equal(select_final_mask(counts, cfg, weight=weight, salt=1), index)
+
+
+@pytest.mark.parametrize("tie_break", ["random", "magnitude"])
+def test_nm_groups_with_keyed_ties_prune_exactly_n(tie_break):
+    counts = _counts(16, 32, 2, 6)
+    weight = torch.randn(16, 32)
+    mask = select_final_mask(counts, PruneConfig(0.5, nm=(2, 4), tie_break=tie_break), weight=weight, salt=3)
+    assert (mask.reshape(16, 8, 4).sum(-1) == 2).all()

@@ -1,0 +1,226 @@
+"""Benchmark: `fedprune simulate` on large LLaMA shapes with random weights (no download).
+
+    python benchmarks/scale.py --shape 1.1b --dtype bfloat16 --device cpu \\
+        --runs centralized:2,one-shot:2,one-shot:16,one-shot:64 --out benchmarks/results
+
+Builds the model from a transformers config class with random weights and saves it
+as safetensors under --models (once; 2.2 GB for 1.1B in bf16, 13.5 GB for 7B), with
+a byte-level tokenizer and a synthetic text. Each run is one `fedprune simulate`
+subprocess; reported: wall time, the process's peak resident memory (from
+``os.wait4``), peak GPU memory on CUDA, and the share of pruning time spent in
+selection. Prints a Markdown table and writes scale.md / scale.json atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SHAPES = {
+    # TinyLlama-1.1B
+    "1.1b": dict(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=32000,
+    ),
+    # LLaMA-2-7B
+    "7b": dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+    ),
+    # for a quick check of the script itself
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+    ),
+}
+
+
+def _byte_tokenizer():
+    from tokenizers import Tokenizer, decoders, models
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def build_model(shape: str, dtype: str, root: Path) -> Path:
+    """The random-weight model directory for a shape (built once, atomically)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    target = root / f"llama-{shape}-{dtype}"
+    if (target / "config.json").exists():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=2048, use_cache=False)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model = model.to_empty(device="cpu").to(getattr(torch, dtype))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.02)
+            else:
+                p.fill_(1.0)  # norms
+        model.model.rotary_emb.__init__(config)  # buffers were left uninitialized by to_empty
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".build-"))
+    model.save_pretrained(tmp, max_shard_size="1GB")
+    _byte_tokenizer().save_pretrained(tmp)
+    os.replace(tmp, target)
+    return target
+
+
+def synthetic_text(root: Path) -> Path:
+    path = root / "text.txt"
+    if not path.exists():
+        rng = random.Random(0)
+        words = ["".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9))) for _ in range(2000)]
+        path.write_text(" ".join(rng.choice(words) for _ in range(200_000)))
+    return path
+
+
+def run_simulate(model: Path, text: Path, strategy: str, clients: int, args) -> dict:
+    nsamples = max(args.nsamples, clients)
+    with tempfile.TemporaryDirectory() as tmp:
+        report_path = Path(tmp) / "report.json"
+        cmd = [
+            sys.executable, "-m", "nodes.cli", "simulate",
+            "--model", str(model), "--dtype", args.dtype, "--device", args.device,
+            "--strategy", strategy, "--clients", str(clients),
+            "--nsamples", str(nsamples), "--seqlen", str(args.seqlen),
+            "--calib", str(text), "--eval-file", str(text), "--eval", "",
+            "--eval-windows", str(args.eval_windows), "--batch-size", str(args.batch_size),
+            "--json", str(report_path), "--no-progress",
+        ]  # fmt: skip
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out, err = proc.communicate()
+        # communicate() already reaped the child; its peak RSS is in RUSAGE_CHILDREN. Runs
+        # are sequential and this is the largest child so far only if it grew: so each run
+        # goes through its own wrapper process (see main), which has exactly one child.
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise SystemExit(f"simulate failed ({proc.returncode}): {err.strip().splitlines()[-1:]}")
+        report = json.loads(report_path.read_text())
+    import resource
+
+    run = report["runs"][0]
+    timings = run["timings"]
+    return {
+        "strategy": strategy,
+        "clients": clients,
+        "nsamples": nsamples,
+        "seqlen": args.seqlen,
+        "wall_s": wall,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
+        "peak_gpu_bytes": report.get("peak_gpu_memory_bytes"),
+        "prune_s": timings["prune_total"],
+        "selection_s": timings.get("selection", 0.0),
+        "selection_share_of_wall": timings.get("selection", 0.0) / wall,
+        "sparsity": run["sparsity"],
+        "perplexity": run["perplexity"],
+        "load_s": report["timings"]["load_model"],
+    }
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [
+        f"{meta['shape']} shape, {meta['dtype']}, {meta['device']} ({meta['cpu']}, {meta['threads']} threads)\n",
+        "| run | windows x tokens | wall (s) | peak RSS (GiB) | peak GPU (GiB) | prune (s) "
+        "| selection (s) | selection / wall |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        gpu = f"{r['peak_gpu_bytes'] / 2**30:.2f}" if r["peak_gpu_bytes"] else "-"
+        lines.append(
+            f"| {r['strategy']} {r['clients']} clients | {r['nsamples']} x {r['seqlen']} | {r['wall_s']:.1f} "
+            f"| {r['peak_rss_bytes'] / 2**30:.2f} | {gpu} | {r['prune_s']:.1f} | {r['selection_s']:.1f} "
+            f"| {r['selection_share_of_wall']:.1%} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="1.1b", choices=list(SHAPES))
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--models", default="/tmp/scale-models", help="where the random models are kept")
+    p.add_argument("--runs", default="centralized:2,one-shot:2,one-shot:16,one-shot:64")
+    p.add_argument("--nsamples", type=int, default=4, help="calibration windows (at least one per client)")
+    p.add_argument("--seqlen", type=int, default=128)
+    p.add_argument("--eval-windows", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--out", default=None, help="folder for scale.md and scale.json")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: a single run, JSON out
+    args = p.parse_args()
+    root = Path(args.models)
+    model = build_model(args.shape, args.dtype, root)
+    text = synthetic_text(root)
+    if args.one:  # in its own process, so that RUSAGE_CHILDREN is this run's child alone
+        strategy, clients = args.one.split(":")
+        print(json.dumps(run_simulate(model, text, strategy, int(clients), args)))
+        return 0
+    import torch
+
+    rows = []
+    for item in args.runs.split(","):
+        cmd = [sys.executable, *sys.argv, "--one", item]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(f"run {item} failed: {proc.stderr.strip()[-500:]}", file=sys.stderr)
+            return 1
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(f"done {item}: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
+    meta = {
+        "shape": args.shape,
+        "config": SHAPES[args.shape],
+        "dtype": args.dtype,
+        "device": args.device,
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
+    }
+    table = markdown(rows, meta)
+    print(table, end="")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        _atomic_write(out / "scale.md", table)
+        _atomic_write(out / "scale.json", json.dumps({"meta": meta, "runs": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
