@@ -43,6 +43,10 @@ from nodes.traffic import traffic_table
 def mask_agreement(lm, data, config: PruneConfig) -> dict:
     """Statistics (secure) masks against centralized Wanda's on the pooled windows.
 
+    Block by block on the same inputs: the centralized masks are computed from the
+    pooled windows propagated through the blocks as the statistics run pruned them,
+    so a difference is attributable to that block's rounding alone (fixed point
+    against float accumulation), not to an earlier difference carried forward.
     For every weight where they differ, the gap between its centralized score and the
     k-th smallest score of its row (the row's threshold), relative to the threshold:
     a near tie has a gap near the float/fixed-point resolution.
@@ -73,7 +77,7 @@ def mask_agreement(lm, data, config: PruneConfig) -> dict:
                 threshold = torch.kthvalue(scores, k, dim=1, keepdim=True).values
                 gap = ((scores - threshold).abs() / threshold.clamp_min(1e-30))[diff]
                 worst_gap = max(worst_gap, float(gap.max()))
-            weights[name].masked_fill_(mask, 0)
+            weights[name].masked_fill_(result.final_masks[name].to(weights[name].device), 0)
         if i < len(runner.blocks) - 1:
             hidden = runner.forward(i, hidden)
     snapshot.restore(lm)
