@@ -1,0 +1,116 @@
+"""The statistics strategy over the federation: real processes, a tiny random LLaMA, mutual TLS.
+
+Each client's windows are derived here exactly as the client derives them, so that the
+federation's final mask can be compared with Wanda computed in process on the pooled
+windows (``prune_statistics``: the same fixed-point code when the token bounds agree).
+"""
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from .test_nodes_federation import CLIENTS, _last_line, _run, make_world
+
+NSAMPLES, SEQLEN = 4, 32  # what _run gives every client
+BOUND = ["max_tokens_per_client = 128", "seqlen = 32"]  # N_max = 3 x 128 = the pooled tokens
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return make_world(tmp_path_factory.mktemp("statistics"))
+
+
+@pytest.fixture(scope="module")
+def centralized_sha(world):
+    """SHA-256 of the final mask of exact Wanda (row groups) on the clients' pooled windows."""
+    from fedprune.config import prune_config
+    from fedprune.data import load_text, sample_windows, tokenize
+    from fedprune.models import layout, load_model
+    from fedprune.statistics import StatisticsConfig
+    from fedprune.statistics_run import prune_statistics
+
+    lm = load_model(str(world / "model"))
+    windows = [
+        sample_windows(
+            tokenize(lm.tokenizer, load_text(str(world / "data" / f"{c}.txt"), "calibration")),
+            NSAMPLES,
+            SEQLEN,
+            0,
+        )
+        for c in CLIENTS
+    ]
+    result = prune_statistics(
+        lm.model, windows, prune_config(sparsity=0.5, group="row"), StatisticsConfig(), progress=False
+    )
+    final = layout(lm.model).flatten(result.final_masks)
+    return hashlib.sha256(np.packbits(final, bitorder="little").tobytes()).hexdigest()
+
+
+@pytest.mark.parametrize("mode", ["plain", "secure"])
+def test_statistics_federation_gives_the_centralized_wanda_mask(world, centralized_sha, mode):
+    from nodes.audit import audit
+
+    code, codes, report, logs, run_dir = _run(
+        world, f"stats-{mode}", mode=mode, strategy="statistics", server_toml=BOUND
+    )
+    assert code == 0 and not any(codes.values()), logs["server"].get("lines", [])[-5:]
+    assert report["final_mask_sha256"] == centralized_sha
+    assert report["sparsity"] == 0.5
+    # one round per block; each client uploads in_features + 1 uint64 per layer set
+    elements = report["statistics"]["elements_per_block"]
+    assert len(report["rounds"]) == len(elements) == 2
+    for r, n in zip(report["rounds"], elements, strict=True):
+        assert r["vector_length"] == n and r["tokens"] == 3 * NSAMPLES * SEQLEN
+        assert all(
+            8 * n <= b < 8 * n + 4000 + (60000 if mode == "secure" else 0)
+            for b in r["bytes_received"].values()
+        )
+    traffic = report["traffic"]
+    assert {(e["strategy"], e["mode"]) for e in traffic["expected"]} == {
+        (s, m) for s in ("statistics", "one-shot") for m in ("plain", "secure")
+    }
+    stats = next(e for e in traffic["expected"] if e["strategy"] == "statistics" and e["mode"] == mode)
+    voting = next(e for e in traffic["expected"] if e["strategy"] == "one-shot" and e["mode"] == mode)
+    assert stats["upload_per_client"] == 8 * sum(elements) < voting["upload_per_client"] * 8
+    assert (
+        sum(traffic["bytes_received_per_client_per_round"]["a"]) <= traffic["bytes_received_per_client"]["a"]
+    )
+    text, ok = audit(run_dir / "audit")
+    assert ok, text
+    if mode == "plain":
+        assert text.count("VISIBLE: this client's statistics") == 6  # 3 clients x 2 blocks
+    else:
+        assert "VISIBLE" not in text and text.count("uniform 64-bit lanes") == 6
+        assert "only the pooled statistics of each block" in text
+
+
+def test_statistics_with_differential_privacy(world):
+    code, codes, report, logs, _ = _run(
+        world,
+        "stats-dp",
+        strategy="statistics",
+        server_toml=[*BOUND, "stats_clip = 1000.0", "dp_epsilon = 8.0", "dp_delta = 1e-5"],
+    )
+    assert code == 0 and not any(codes.values()), logs["server"].get("lines", [])[-5:]
+    dp = report["statistics"]["dp"]
+    assert (dp["epsilon"], dp["delta"], dp["per"]) == (8.0, 1e-5, "client")
+    assert 0 < dp["epsilon_spent"] <= 8.0 and dp["releases"] == 2
+    # each share is sigma / sqrt(t): any t survivors carry the calibrated noise
+    t = dp["threshold"]
+    for sigma, share in zip(dp["sigma_per_block"], dp["noise_share_std_per_block"], strict=True):
+        assert sigma > 0 and share == pytest.approx(sigma / t**0.5)
+    assert report["sparsity"] == 0.5
+    assert any("DP epsilon 8" in line for line in logs["a"]["lines"])
+
+
+def test_impossible_statistics_abort_the_round_and_nothing_is_written(world):
+    code, codes, report, logs, run_dir = _run(
+        world, "stats-huge", strategy="statistics", server_toml=BOUND, faults={"c": "huge-statistics"}
+    )
+    assert code == 2 and report is None
+    assert not (run_dir / "out" / "final-mask.bin").exists()
+    assert not (run_dir / "out" / "pruned-model").exists()
+    last = _last_line(logs, "server")
+    assert "round 0 aborted" in last and "statistics" in last, last
+    assert all(codes[c] != 0 for c in ("a", "b")) and "aborted" in _last_line(logs, "a")
