@@ -90,6 +90,7 @@ def test_statistics_with_differential_privacy(world):
         world,
         "stats-dp",
         strategy="statistics",
+        clients=["a", "b"],
         server_toml=[*BOUND, "stats_clip = 1000.0", "dp_epsilon = 8.0", "dp_delta = 1e-5"],
     )
     assert code == 0 and not any(codes.values()), logs["server"].get("lines", [])[-5:]
@@ -106,11 +107,62 @@ def test_statistics_with_differential_privacy(world):
 
 def test_impossible_statistics_abort_the_round_and_nothing_is_written(world):
     code, codes, report, logs, run_dir = _run(
-        world, "stats-huge", strategy="statistics", server_toml=BOUND, faults={"c": "huge-statistics"}
+        world,
+        "stats-huge",
+        strategy="statistics",
+        clients=["a", "c"],
+        server_toml=BOUND,
+        faults={"c": "huge-statistics"},
     )
     assert code == 2 and report is None
     assert not (run_dir / "out" / "final-mask.bin").exists()
     assert not (run_dir / "out" / "pruned-model").exists()
     last = _last_line(logs, "server")
     assert "round 0 aborted" in last and "statistics" in last, last
-    assert all(codes[c] != 0 for c in ("a", "b")) and "aborted" in _last_line(logs, "a")
+    assert codes["a"] != 0 and "aborted" in _last_line(logs, "a")
+
+
+def _welcome(mode="secure", members=3, threshold=2, **stats):
+    from nodes.wire import federation_pb2 as pb
+
+    fields = {"stats_clip": 100.0, "max_tokens_per_client": 128, "seqlen": 32, **stats}
+    roster = [pb.RosterEntry(index=i, client_id=f"c{i}") for i in range(members)]
+    return pb.Welcome(mode=mode, strategy="statistics", threshold=threshold, roster=roster, **fields)
+
+
+def test_every_party_derives_the_same_round_parameters_and_a_client_checks_the_noise():
+    from fedprune.errors import PrivacyConfigError, StatisticsError
+    from fedprune.statistics import BlockLayout, DPConfig
+    from nodes.statistics_rounds import StatisticsParameters
+
+    server = StatisticsParameters.for_server(100.0, 128, 32, 3, 2, 4, DPConfig(8.0, 1e-5))
+    client = StatisticsParameters.from_welcome(_welcome(**server.to_welcome()), num_blocks=4)
+    block = BlockLayout(0, ("q", "k"), (64, 64))
+    assert client == server and client.codec(block) == server.codec(block)
+    # each share is sigma/sqrt(t); the code leaves room for all m shares
+    assert server.share_std(block) == pytest.approx(server.sigma(block) / 2**0.5)
+    assert server.codec(block).noise_std == pytest.approx(server.sigma(block) * (3 / 2) ** 0.5)
+    too_little = {**server.to_welcome(), "dp_noise_multiplier": server.noise_multiplier / 2}
+    with pytest.raises(PrivacyConfigError, match="more than the announced"):
+        StatisticsParameters.from_welcome(_welcome(**too_little), num_blocks=4)
+    with pytest.raises(PrivacyConfigError, match="plain aggregation"):
+        StatisticsParameters.from_welcome(_welcome(mode="plain", **server.to_welcome()), num_blocks=4)
+    with pytest.raises(StatisticsError, match="clip"):
+        StatisticsParameters.from_welcome(_welcome(stats_clip=0.0), num_blocks=4)
+
+
+def test_a_client_over_the_token_bound_or_with_other_windows_under_dp_refuses(tiny_model):
+    import torch
+
+    from fedprune.errors import StatisticsError
+    from fedprune.models import layout
+    from nodes.statistics_rounds import StatisticsClient, StatisticsParameters
+
+    windows = torch.randint(0, 128, (4, 32))
+    lay = layout(tiny_model)
+    plain = StatisticsParameters(100.0, 127, 32, 3, 1, lay.num_blocks)
+    with pytest.raises(StatisticsError, match="128 calibration tokens, more than the server's bound of 127"):
+        StatisticsClient(tiny_model, windows, lay, plain, 8)
+    dp = StatisticsParameters(100.0, 1000, 16, 3, 2, lay.num_blocks, 8.0, 1e-5, 1.0)
+    with pytest.raises(StatisticsError, match="windows of 16 tokens"):
+        StatisticsClient(tiny_model, windows, lay, dp, 8)
