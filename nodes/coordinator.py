@@ -83,6 +83,15 @@ class Coordinator(pb_grpc.FederationServicer):
         self.lm = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
         self.layout = layout(self.lm.model)
         self.fingerprint = bytes.fromhex(fingerprint(self.lm.model))
+        # Statistics with DP: the noise that meets (epsilon, delta) over one round per block,
+        # found before anything is served or written (a target no noise meets is one line).
+        self.dp_calibration = None
+        if cfg.strategy == "statistics" and cfg.dp_epsilon is not None:
+            from fedprune.statistics import DPConfig, calibrate_noise
+
+            self.dp_calibration = calibrate_noise(
+                DPConfig(cfg.dp_epsilon, cfg.dp_delta), self.layout.num_blocks
+            )
         self.timings = {"load_model": time.perf_counter() - t0}
         self.transcript = Transcript(cfg.audit_dir, cfg.store_payloads)
         # The identity that signs receipts: a configured key, or one made for this run (its
@@ -279,9 +288,8 @@ class Coordinator(pb_grpc.FederationServicer):
         # Votes: the counts 0..n fit. Statistics: fixed-point ring elements of Z_(2^64).
         self.lane_bits = 64 if statistics else lane_bits_for(n)
         if statistics:
-            from fedprune.statistics import DEFAULT_CLIP, DPConfig
+            from fedprune.statistics import DEFAULT_CLIP
 
-            dp = DPConfig(cfg.dp_epsilon, cfg.dp_delta) if cfg.dp_epsilon is not None else None
             self.statistics = StatisticsParameters.for_server(
                 DEFAULT_CLIP if cfg.stats_clip is None else float(cfg.stats_clip),
                 cfg.max_tokens_per_client,
@@ -289,7 +297,7 @@ class Coordinator(pb_grpc.FederationServicer):
                 n,
                 self.threshold if cfg.mode == "secure" else 1,
                 self.layout.num_blocks,
-                dp,
+                self.dp_calibration,
             )
         self.session_meta = {
             "mode": cfg.mode,
@@ -557,7 +565,10 @@ class Coordinator(pb_grpc.FederationServicer):
 
     def _report(self, final: np.ndarray, packed: bytes, eval_before) -> dict:
         report = {
-            "config": {k: v for k, v in asdict(self.cfg).items() if k != "roster"},
+            "config": {
+                **{k: v for k, v in asdict(self.cfg).items() if k != "roster"},
+                "group": self.cfg.comparison_group,
+            },
             "members": self.members,
             "fingerprint": self.fingerprint.hex(),
             **mask_summary(final, packed, self.layout),

@@ -25,6 +25,7 @@ from .config import ServerConfig
 from .errors import DemoError, NodeConfigError
 from .files import check_output_dir
 from .identity import make_certificates, write_identity
+from .traffic import human_bytes
 
 
 def _pump(proc: subprocess.Popen, prefix: str, found: dict, echo: bool) -> None:
@@ -157,12 +158,13 @@ def _traffic_line(mode: str, report: dict) -> str:
         (e for e in t.get("expected", []) if e["strategy"] == "one-shot" and e["mode"] == mode), None
     )
     line = (
-        f"{mode}: {len(per_round)} round(s), at most {max(per_round) / 1e3:.1f} kB per client per round, "
-        f"{max(t.get('bytes_received_per_client', {0: 0}).values()) / 1e6:.2f} MB per client in all"
+        f"{mode} {report['config']['strategy']}: {len(per_round)} round(s), at most "
+        f"{human_bytes(max(per_round))} per client per round, "
+        f"{human_bytes(max(t.get('bytes_received_per_client', {0: 0}).values()))} per client in all"
     )
     if one_shot is not None and report["config"]["strategy"] != "one-shot":
         voting = one_shot["upload_per_client"] + one_shot["key_bytes_per_client"]
-        line += f" (one-shot voting: {voting / 1e6:.2f} MB)"
+        line += f" (one-shot voting would upload {human_bytes(voting)})"
     dp = report.get("statistics", {}).get("dp")
     if dp:
         line += f"; DP (epsilon, delta) = ({dp['epsilon']:g}, {dp['delta']:g}) per client"
@@ -276,17 +278,18 @@ def run_demo(args) -> int:
     for mode, r, wall, verdict in rows:
         ppl_b = next(iter(r.get("perplexity_before", {"-": float("nan")}).values()))
         ppl_a = next(iter(r.get("perplexity_after", {"-": float("nan")}).values()))
+        what = "statistics" if args.strategy == "statistics" else "mask"
         audit_text = (
             (
                 "PASS: server saw only uniform masked vectors"
                 if mode == "secure"
-                else "PASS: chain intact; every client's mask VISIBLE"
+                else f"PASS: chain intact; every client's {what} VISIBLE"
             )
             if verdict
             else "FAIL"
         )
         print(
-            f"| {mode} | {r['final_mask_sha256'][:16]}… | {sum(r['bytes_received'].values()) / 1e6:.1f} MB | "
+            f"| {mode} | {r['final_mask_sha256'][:16]}… | {human_bytes(sum(r['bytes_received'].values()))} | "
             f"{r['timings'].get('key_agreement', 0):.2f} | {r['timings']['federation']:.1f} | {wall:.1f} | "
             f"{r['sparsity']:.3f} | {ppl_b:.2f} | {ppl_a:.2f} | {audit_text} |"
         )

@@ -41,10 +41,10 @@ from fedprune.statistics import (
     ACCOUNTANT,
     BlockLayout,
     ClippedSquareSums,
+    DPCalibration,
     DPConfig,
     FixedPoint,
     StatisticsEncoder,
-    calibrate_noise,
     epsilon_spent,
     select_block_masks,
     window_sensitivity,
@@ -77,10 +77,12 @@ class StatisticsParameters:
         members: int,
         threshold: int,
         num_blocks: int,
-        dp: DPConfig | None,
+        dp: DPCalibration | None,
     ) -> StatisticsParameters:
-        """The server's parameters; with ``dp``, the noise multiplier meeting it over the blocks."""
-        z = calibrate_noise(dp, num_blocks).noise_multiplier if dp else 0.0
+        """The server's parameters; ``dp``: the noise that meets its (epsilon, delta) over the
+        blocks (``calibrate_noise(DPConfig(...), num_blocks)``, computed before serving)."""
+        if dp is not None and dp.releases != num_blocks:
+            raise ValueError("the DP calibration must be over one release per block")
         return cls(
             clip,
             max_tokens_per_client,
@@ -90,7 +92,7 @@ class StatisticsParameters:
             num_blocks,
             dp.epsilon if dp else 0.0,
             dp.delta if dp else 0.0,
-            z,
+            dp.noise_multiplier if dp else 0.0,
         )
 
     @property

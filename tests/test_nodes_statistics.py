@@ -132,10 +132,11 @@ def _welcome(mode="secure", members=3, threshold=2, **stats):
 
 def test_every_party_derives_the_same_round_parameters_and_a_client_checks_the_noise():
     from fedprune.errors import PrivacyConfigError, StatisticsError
-    from fedprune.statistics import BlockLayout, DPConfig
+    from fedprune.statistics import BlockLayout, DPConfig, calibrate_noise
     from nodes.statistics_rounds import StatisticsParameters
 
-    server = StatisticsParameters.for_server(100.0, 128, 32, 3, 2, 4, DPConfig(8.0, 1e-5))
+    dp = calibrate_noise(DPConfig(8.0, 1e-5), 4)
+    server = StatisticsParameters.for_server(100.0, 128, 32, 3, 2, 4, dp)
     client = StatisticsParameters.from_welcome(_welcome(**server.to_welcome()), num_blocks=4)
     block = BlockLayout(0, ("q", "k"), (64, 64))
     assert client == server and client.codec(block) == server.codec(block)
