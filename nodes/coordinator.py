@@ -439,6 +439,12 @@ class Coordinator(pb_grpc.FederationServicer):
             )
         except StatisticsError as exc:
             raise FederationAborted(f"round {rnd} aborted: {exc}") from exc
+        bound = contributors * self.statistics.max_tokens_per_client
+        if pooled.tokens > bound:  # the codec allows every member; only the contributors sent
+            raise FederationAborted(
+                f"round {rnd} aborted: the pooled token count {pooled.tokens} exceeds {contributors} "
+                f"contributors x {self.statistics.max_tokens_per_client}; no honest clients send this"
+            )
         masks = server_block_masks(self.lm.model, block, pooled, self.prune_cfg)
         return self.layout.flatten(masks, slots), {
             "tokens": pooled.tokens,
