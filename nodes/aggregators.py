@@ -85,7 +85,8 @@ def _check_lane_bits(bits: int) -> None:
 
 class PlainAggregator(Aggregator):
     """Plain mode: every client sends its vector packed at ``lane_bits`` per element; the
-    server sees each one and adds them up (Wanda votes: 1 bit per weight).
+    server sees each one and adds them up (Wanda votes: 1 bit per weight; the statistics
+    strategy's fixed-point elements: 64-bit lanes, summed modulo 2^64).
     """
 
     def __init__(self, federation: Federation, *, lane_bits: int, chunk_elems: int, min_clients: int) -> None:
@@ -127,9 +128,11 @@ class PlainAggregator(Aggregator):
             raise FederationAborted(
                 f"round {rnd}: only {len(done)} complete masks, at least {self.min_clients} needed"
             )
-        sums = np.zeros(length, dtype=np.int32)
+        # Votes: small counts in int32. Wide lanes carry ring elements: their sum is modulo
+        # 2^b, as under SecAgg (uint32/uint64 arithmetic wraps), and the caller decodes it.
+        sums = np.zeros(length, dtype=np.int32 if bits <= 16 else np.dtype(f"uint{bits}"))
         for cid in done:
-            sums += _unpack(buffers.pop(cid), bits, length)
+            np.add(sums, _unpack(buffers.pop(cid), bits, length), out=sums, casting="unsafe")
         return sums, sorted(fed.index[c] for c in done)
 
 

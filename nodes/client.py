@@ -1,8 +1,10 @@
-"""The client process: private data stays here; only (masked) votes leave.
+"""The client process: private data stays here; only (masked) votes or statistics leave.
 
 It loads the model, proves it is the server's (fingerprint), computes its
-Wanda masks with fedprune, runs the secagg client over the gRPC stream,
-applies the final mask it receives, and can save its pruned model.
+Wanda masks with fedprune (or, for the statistics strategy, its per-channel
+input statistics block by block: nodes.statistics_rounds), runs the secagg
+client over the gRPC stream, applies the final mask it receives, and can save
+its pruned model.
 """
 
 from __future__ import annotations
@@ -22,17 +24,20 @@ import torch
 
 from fedprune.assets import cache_dir
 from fedprune.data import load_text, sample_windows, tokenize
+from fedprune.errors import FedPruneError
 from fedprune.models import fingerprint, layout, load_model, prunable_weights
 from fedprune.strategies import ClientPruner, local_pruning_masks
 from secagg import ClientSession, SessionConfig
 from secagg.errors import SecAggError
 from secagg.keys import sign, verify
+from secagg.ring import pack
 
 from .admission import PROTOCOL_VERSION, hello_message
 from .audit import receipt_message
 from .errors import ClientFailed
 from .files import atomic_write_dir, atomic_write_text
 from .identity import load_identity
+from .statistics_rounds import INPUT_BOUND, LANE_BITS, StatisticsClient, StatisticsParameters
 from .wire import convert
 from .wire import federation_pb2 as pb
 from .wire import federation_pb2_grpc as pb_grpc
@@ -167,6 +172,7 @@ class _Session:
         self.session_id: bytes | None = None  # from the server's challenge
         self.sa: ClientSession | None = None
         self.pruner: ClientPruner | None = None
+        self.statistics: StatisticsClient | None = None
         self.vector: np.ndarray | None = None  # one-shot: every layer; iterative: this block
         self.pending: np.ndarray | None = None  # this round's votes, waiting for the share bundle
         self.final = np.zeros(lay.total, dtype=bool)
@@ -204,6 +210,19 @@ class _Session:
         if welcome.weight_scaling:
             raise ClientFailed("weight scaling cannot be applied from a broadcast mask")
         prune_cfg = convert.prune_from_welcome(welcome, cfg.batch_size)
+        statistics = welcome.strategy == "statistics"
+        params = None
+        if statistics:
+            if welcome.lane_bits != LANE_BITS:
+                raise ClientFailed(
+                    f"the statistics strategy uses {LANE_BITS}-bit lanes, the server says {welcome.lane_bits}"
+                )
+            try:
+                params = StatisticsParameters.from_welcome(welcome, lay.num_blocks)
+            except FedPruneError as exc:
+                raise ClientFailed(f"refusing the server's statistics settings: {exc}") from exc
+        elif welcome.strategy not in ("one-shot", "iterative"):
+            raise ClientFailed(f"unknown strategy {welcome.strategy!r} from the server")
         if welcome.mode == "secure":
             roster = {e.index: e.identity_public for e in welcome.roster}
             try:  # the client enforces t > g/2 itself: a server cannot lower it
@@ -215,6 +234,7 @@ class _Session:
                     lane_bits=welcome.lane_bits,
                     chunk_elems=welcome.chunk_elems,
                     neighbours=welcome.neighbours or None,
+                    **({"input_bound": INPUT_BOUND} if statistics else {}),
                 )
             except SecAggError as exc:
                 raise ClientFailed(f"refusing the server's secure-aggregation settings: {exc}") from exc
@@ -226,6 +246,13 @@ class _Session:
             masks = local_pruning_masks(self.lm.model, self.windows, prune_cfg, on_block=progress)
             self.vector = _votes(lay, masks)
             self.log(f"{cfg.client_id}: local masks ready in {time.perf_counter() - t0:.1f} s")
+        elif statistics:
+            try:
+                self.statistics = StatisticsClient(self.lm.model, self.windows, lay, params, cfg.batch_size)
+            except FedPruneError as exc:
+                raise ClientFailed(f"refusing to join: {exc}") from exc
+            dp = f", DP epsilon {params.dp_epsilon:g}, delta {params.dp_delta:g}" if params.dp else ""
+            self.log(f"{cfg.client_id}: calibration inputs ready in {time.perf_counter() - t0:.1f} s{dp}")
         else:
             self.pruner = ClientPruner(self.lm.model, self.windows, prune_cfg)
             self.log(f"{cfg.client_id}: calibration inputs ready in {time.perf_counter() - t0:.1f} s")
@@ -240,10 +267,26 @@ class _Session:
 
     def on_round_start(self, rs) -> None:
         self.ranges[rs.round] = (rs.offset, rs.length)
+        block = next((s.block for s in self.lay.slots if s.offset == rs.offset), None)
+        if self.welcome.strategy != "one-shot" and block is None:
+            raise ClientFailed(f"round {rs.round} starts at offset {rs.offset}, where no block starts")
+        length = rs.length
+        if self.statistics is not None:
+            length = _statistics_length(self.lay, block)
+            if rs.vector_length != length:
+                raise ClientFailed(
+                    f"round {rs.round}: the server asks for {rs.vector_length} statistics of block "
+                    f"{block}, which has {length}"
+                )
         if self.sa is not None:  # fresh keys first, so the key round overlaps our local work
-            self.send(key_advert=convert.advert_to_pb(self.sa.advertise(rs.round, rs.length)))
-        if self.welcome.strategy == "iterative":
-            block = next(s.block for s in self.lay.slots if s.offset == rs.offset)
+            self.send(key_advert=convert.advert_to_pb(self.sa.advertise(rs.round, length)))
+        if self.statistics is not None:
+            try:
+                vector = self.statistics.vector(block)
+            except FedPruneError as exc:
+                raise ClientFailed(f"round {rs.round}: {exc}") from exc
+            self.log(f"{self.cfg.client_id}: block {block + 1}/{self.lay.num_blocks} statistics ready")
+        elif self.welcome.strategy == "iterative":
             masks = self.pruner.local_masks(block)
             vector = _votes(self.lay, masks, self.lay.block_slots(block))
             self.log(f"{self.cfg.client_id}: block {block + 1}/{self.lay.num_blocks} masks ready")
@@ -251,7 +294,8 @@ class _Session:
             vector = self.vector[rs.offset : rs.offset + rs.length]
         vector = self.hooks.round_vector(rs.round, vector)
         if self.sa is None:
-            self._send_input(rs.round, _plain_chunks(rs.round, vector, self.welcome.chunk_elems))
+            bits = LANE_BITS if self.statistics is not None else 1
+            self._send_input(rs.round, _plain_chunks(rs.round, vector, self.welcome.chunk_elems, bits))
         else:
             self.pending = vector
 
@@ -295,9 +339,9 @@ class _Session:
         )[:length].astype(bool)
         self.final[offset : offset + length] = bits
         _apply(self.lm.model, self.lay, self.final, offset, length)
-        if self.pruner is not None:
+        if self.pruner is not None or self.statistics is not None:
             block = next(s.block for s in self.lay.slots if s.offset == offset)
-            self.pruner.advance(block)
+            (self.pruner or self.statistics).advance(block)
 
     def on_receipt(self, receipt) -> None:
         """Keep the server's signed transcript head: later, an audit can be checked against it."""
@@ -368,11 +412,17 @@ def _votes(lay, masks, slots=None) -> np.ndarray:
     return lay.flatten(masks, slots).astype(np.uint8)
 
 
-def _plain_chunks(rnd: int, vector: np.ndarray, chunk: int) -> Iterator[pb.VectorChunk]:
-    """The plain upload: the mask bit-packed, chunk by chunk."""
+def _plain_chunks(rnd: int, vector: np.ndarray, chunk: int, bits: int = 1) -> Iterator[pb.VectorChunk]:
+    """The plain upload, chunk by chunk: the mask bit-packed, or statistics in 64-bit lanes."""
     for start in range(0, len(vector), chunk):
-        data = np.packbits(vector[start : start + chunk], bitorder="little").tobytes()
+        data = pack(vector[start : start + chunk], bits).tobytes()
         yield pb.VectorChunk(round=rnd, offset=start, data=data)
+
+
+def _statistics_length(lay, block: int) -> int:
+    from fedprune.statistics import BlockLayout
+
+    return BlockLayout.from_slots(lay.block_slots(block)).length
 
 
 def _apply(model, lay, final: np.ndarray, offset: int, length: int) -> None:

@@ -89,6 +89,17 @@ class ExtraVotes(ClientHooks):
         return vector
 
 
+class HugeStatistics(ClientHooks):
+    """A malicious statistics client: channel 0 of every block claims 2^62 (fixed point), far
+    above what its token count and the clip allow. SecAgg's ring inputs let it through; only
+    the server's check of the decoded sum can catch it."""
+
+    def round_vector(self, rnd, vector):
+        vector = np.array(vector, dtype=np.uint64)
+        vector[0] = np.uint64(2**62)
+        return vector
+
+
 class CorruptUnmaskShares(ClientHooks):
     """Flips one byte of every share it reveals (a faulty or malicious share holder)."""
 
@@ -108,6 +119,7 @@ FAULTS = {
     "exit-mid-upload": ExitMidUpload,
     "extra-votes": ExtraVotes,
     "corrupt-unmask-shares": CorruptUnmaskShares,
+    "huge-statistics": HugeStatistics,
 }
 
 
