@@ -70,7 +70,9 @@ class PruneResult:
 
     def sparsity(self) -> tuple[float, dict[str, float]]:
         """Global and per-layer fraction of pruned prunable weights."""
-        counts = self.pruned_counts or {n: (int(m.sum()), m.numel()) for n, m in self.final_masks.items()}
+        counts = self.pruned_counts or {
+            n: (int(torch.count_nonzero(m)), m.numel()) for n, m in self.final_masks.items()
+        }
         per_layer = {n: pruned / total for n, (pruned, total) in counts.items()}
         pruned = sum(p for p, _ in counts.values())
         total = sum(t for _, t in counts.values())
@@ -246,7 +248,7 @@ def prune(
             t0 = time.perf_counter()
             block_final = apply_vote_counts(model, counts, config, num_clients, salts)
             timings["selection"] += time.perf_counter() - t0
-        pruned_counts.update({n: (int(m.sum()), m.numel()) for n, m in block_final.items()})
+        pruned_counts.update({n: (int(torch.count_nonzero(m)), m.numel()) for n, m in block_final.items()})
         if keep_masks:
             final_masks.update({n: m.cpu() for n, m in block_final.items()})
         del local, block_final
