@@ -216,9 +216,9 @@ def block_sparsity(model: nn.Module) -> BlockSparsity:
     pz = pt = mz = mt = 0
     for block in decoder_blocks(model):
         for w in block_matrices(block).values():
-            pz += int((w == 0).sum())
+            pz += w.numel() - int(torch.count_nonzero(w))
             pt += w.numel()
         for p in block_matrix_params(block).values():
-            mz += int((p == 0).sum())
+            mz += p.numel() - int(torch.count_nonzero(p))
             mt += p.numel()
     return BlockSparsity(pz, pt, mz, mt)

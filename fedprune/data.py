@@ -20,6 +20,7 @@ import torch
 
 from .assets import BOTCHAN_TEXT, fetch_asset
 from .errors import DataError
+from .memory import release_freed_memory
 
 Split = Literal["calibration", "evaluation"]
 HUB_SOURCES = ("wikitext2", "ptb", "c4")
@@ -134,7 +135,10 @@ def tokenize(tokenizer, text: str, *, special_tokens: bool = False) -> torch.Ten
     ``tokenizer(text, return_tensors='pt')`` does.
     """
     ids = tokenizer(text, add_special_tokens=special_tokens, verbose=False)["input_ids"]
-    return torch.tensor(ids, dtype=torch.long)
+    out = torch.tensor(ids, dtype=torch.long)
+    del ids
+    release_freed_memory()  # the tokenizer's per-token objects: hundreds of bytes per token
+    return out
 
 
 def _draw_windows(token_ids: torch.Tensor, nsamples: int, seqlen: int, rng: random.Random) -> torch.Tensor:

@@ -33,28 +33,6 @@ import torch
 from .config import PruneConfig
 from .errors import PruningConfigError
 
-
-def _groups(t: torch.Tensor, config: PruneConfig) -> tuple[torch.Tensor, int]:
-    """View a (rows, cols) tensor as (groups, members) and return the per-group prune count."""
-    rows, cols = t.shape
-    if config.nm is not None:
-        n, m = config.nm
-        if cols % m:
-            raise PruningConfigError(f"N:M {n}:{m} needs input width divisible by {m}, got {cols}")
-        return t.reshape(-1, m), n
-    if config.comparison_group == "layer":
-        return t.reshape(1, -1), int(t.numel() * config.sparsity)
-    if config.comparison_group == "row":
-        return t, int(cols * config.sparsity)
-    return t.t(), int(rows * config.sparsity)
-
-
-def _ungroup(g: torch.Tensor, shape: tuple[int, int], config: PruneConfig) -> torch.Tensor:
-    if config.nm is None and config.comparison_group == "column":
-        return g.t().contiguous()
-    return g.reshape(shape)
-
-
 _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15  # splitmix64's increment
 _MIX1, _MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
@@ -74,7 +52,11 @@ def _splitmix64(z: int) -> int:
     return z ^ (z >> 31)
 
 
-_CHUNK = 1 << 16  # keys are computed in cache-sized pieces: ~7x faster than whole-tensor ops
+# On the CPU keys are computed in pieces of 2^15: cache-sized (~7x faster than whole-tensor
+# ops) and at most torch's intra-op grain size, so that each op runs on one thread. Split
+# across threads, each of the ~600 small ops of a large layer waits at a barrier for the
+# slowest thread, which on a loaded machine (threads descheduled) made keying 10-100x slower.
+_CHUNK = 1 << 15
 
 
 def tie_keys(seed: int, salt: int, flat_index: torch.Tensor) -> torch.Tensor:
@@ -88,11 +70,12 @@ def tie_keys(seed: int, salt: int, flat_index: torch.Tensor) -> torch.Tensor:
     base = _signed(_splitmix64(_splitmix64(seed) ^ (salt & _MASK64)))
     flat_index = flat_index.to(torch.int64)
     out = torch.empty_like(flat_index)
-    tmp = torch.empty(min(_CHUNK, len(flat_index)), dtype=torch.int64, device=flat_index.device)
-    for start in range(0, len(flat_index), _CHUNK):
-        z = out[start : start + _CHUNK]
+    chunk = _CHUNK if flat_index.device.type == "cpu" else max(1, len(flat_index))
+    tmp = torch.empty(min(chunk, len(flat_index)), dtype=torch.int64, device=flat_index.device)
+    for start in range(0, len(flat_index), chunk):
+        z = out[start : start + chunk]
         t = tmp[: len(z)]
-        torch.add(flat_index[start : start + _CHUNK], 1, out=z)
+        torch.add(flat_index[start : start + chunk], 1, out=z)
         z.mul_(_signed(_GOLDEN)).add_(base)
         for shift, mix in ((30, _MIX1), (27, _MIX2)):
             _xor_shifted(z, t, shift)
@@ -164,81 +147,136 @@ def select_final_mask(
     is the run's reference fill generator (``LayerSalts.reference_fill``),
     needed only by the ``reference`` tie-break in the layer group.
 
-    Per group, every weight above the threshold count (the k-th highest) is
-    pruned; the remaining slots go to the weights tied at the threshold in
-    tie-break order. Only those tied weights are ever keyed or sorted.
+    Per group, every weight above the threshold count (the k-th highest, from a
+    histogram of the counts) is pruned; the remaining slots go to the weights
+    tied at the threshold in tie-break order. Only those tied weights are ever
+    keyed, and the ones to take are found by a radix select on their keys, not
+    a sort. Everything works on the layer in its own (row-major) layout, in
+    integer arithmetic: linear time, the same result on every device.
     """
     shape = tuple(vote_counts.shape)
-    counts = vote_counts.to(torch.int32)
-    grouped, k = _groups(counts, config)
+    counts = vote_counts if vote_counts.dtype in (torch.int16, torch.int32) else vote_counts.to(torch.int32)
     if uses_reference_fill(config):
         if fill is None:
             raise PruningConfigError(
                 "the reference tie-break in the layer group needs the run's fill generator"
             )
-        return _ungroup(_reference_fill(grouped[0], k, fill).unsqueeze(0), shape, config)
+        k = int(counts.numel() * config.sparsity)
+        return _reference_fill(counts.reshape(-1), k, fill).reshape(shape)
     if config.tie_break == "magnitude" and weight is None:
         raise PruningConfigError("the magnitude tie-break needs the layer's weights")
+    view, dim, k = _member_view(counts, config)
     if k == 0:
         return torch.zeros(shape, dtype=torch.bool, device=counts.device)
-    if grouped.shape[0] == 1:
-        return _select_layer(grouped[0], k, config, weight, salt).reshape(shape)
-    return _ungroup(_select_groups(grouped, k, shape, config, weight, salt), shape, config)
+    threshold, room = _thresholds(view, dim, k)
+    mask = view > threshold
+    tied = view == threshold
+    if config.tie_break in ("index", "reference"):  # lowest index first
+        if dim is None:
+            if room:
+                last = int(tied.nonzero()[room - 1])
+                mask[: last + 1] |= tied[: last + 1]
+        else:
+            mask |= tied & (tied.cumsum(dim=dim, dtype=torch.int32) <= room.reshape(threshold.shape))
+        return mask.reshape(shape)
+    index = tied.reshape(-1).nonzero().squeeze(1)  # row-major flat index
+    del tied
+    key = _tie_key(config, index, weight, salt)
+    room_per_group = torch.tensor([room]) if dim is None else room
+    take = _first_in_groups(key, _group_of(index, shape, config), room_per_group)
+    mask.reshape(-1).scatter_(0, index, take)  # the tied weights (not pruned yet) get ``take``
+    return mask.reshape(shape)
 
 
-def _select_layer(
-    counts: torch.Tensor, k: int, config: PruneConfig, weight: torch.Tensor | None, salt: int
-) -> torch.Tensor:
-    """One group (the whole layer, flat): the fast path, linear time."""
-    threshold, above = _threshold_and_above(counts, k)
-    mask = counts > threshold
-    room = k - above  # slots left for the weights tied at the threshold
-    tied = counts == threshold
-    if config.tie_break in ("index", "reference"):
-        return mask | (tied & (tied.cumsum(0) <= room))
-    index = tied.nonzero().squeeze(1)  # flat index == position in the group
-    mask[index[_smallest(_tie_key(config, index, weight, salt), room)]] = True
-    return mask
+def _member_view(counts: torch.Tensor, config: PruneConfig) -> tuple[torch.Tensor, int | None, int]:
+    """The layer's counts in its own layout, shaped so that each comparison group lies along
+    one dimension (None: the whole flat layer), and the per-group prune count."""
+    rows, cols = counts.shape
+    if config.nm is not None:
+        n, m = config.nm
+        if cols % m:
+            raise PruningConfigError(f"N:M {n}:{m} needs input width divisible by {m}, got {cols}")
+        return counts.reshape(rows, cols // m, m), 2, n
+    if config.comparison_group == "layer":
+        return counts.reshape(-1), None, int(counts.numel() * config.sparsity)
+    if config.comparison_group == "row":
+        return counts, 1, int(cols * config.sparsity)
+    return counts, 0, int(rows * config.sparsity)
 
 
-def _select_groups(
-    grouped: torch.Tensor,
-    k: int,
-    shape: tuple[int, ...],
-    config: PruneConfig,
-    weight: torch.Tensor | None,
-    salt: int,
-) -> torch.Tensor:
-    """Many groups (rows, columns, N:M blocks) as a (groups, members) view."""
-    threshold = -torch.kthvalue(-grouped, k, dim=1, keepdim=True).values
-    mask = grouped > threshold
-    room = k - mask.sum(dim=1, keepdim=True)
-    tied = grouped == threshold
-    if config.tie_break in ("index", "reference"):
-        # Lowest index first: the first ``room`` tied weights of every group.
-        return mask | (tied & (tied.cumsum(dim=1) <= room))
-    group, member = tied.nonzero(as_tuple=True)  # row-major: index order within each group
-    key = _tie_key(config, _flat_index(group, member, shape, config), weight, salt)
-    if config.tie_break == "magnitude":  # ranks, so that the key fits below 2^32
-        key = torch.sort(torch.sort(key, stable=True).indices, stable=True).indices
-    # Order by (group, key, index): one stable sort of a composite key (tie keys < 2^32).
-    order = torch.sort(group * (1 << 32) + key, stable=True).indices
-    group, member = group[order], member[order]
-    starts = torch.searchsorted(group, torch.arange(grouped.shape[0], device=group.device))
-    rank = torch.arange(len(group), device=group.device) - starts[group]
-    take = rank < room.squeeze(1)[group]
-    mask[group[take], member[take]] = True
-    return mask
+def _group_of(index: torch.Tensor, shape: tuple[int, ...], config: PruneConfig) -> torch.Tensor | None:
+    """The comparison group of each flat index (None: one group, the layer)."""
+    if config.nm is not None:
+        return torch.div(index, config.nm[1], rounding_mode="floor")
+    if config.comparison_group == "row":
+        return torch.div(index, shape[1], rounding_mode="floor")
+    if config.comparison_group == "column":
+        return torch.remainder(index, shape[1])
+    return None
+
+
+_HIST_CELLS = 1 << 24  # per-group count histograms up to this size; kthvalue beyond
+_HIST_CHUNK = 1 << 20  # counts binned this many at a time (bounded temporaries)
+
+
+def _thresholds(view: torch.Tensor, dim: int | None, k: int) -> tuple[torch.Tensor | int, torch.Tensor | int]:
+    """Every group's threshold (its k-th highest count), shaped to broadcast against
+    ``view``, and its room: how many of its weights tied at the threshold are pruned.
+
+    From histograms of the counts (few distinct values: 0..m); a selection
+    (``kthvalue``) where the histograms would be too large (many small N:M
+    groups, very many clients).
+    """
+    if dim is None:
+        return _threshold_and_above_room(view, k)
+    values = int(view.max()) + 1 if view.numel() else 1
+    groups = view.numel() // view.shape[dim]
+    if dim == 2 or groups * values > _HIST_CELLS:
+        threshold = torch.kthvalue(view, view.shape[dim] - k + 1, dim=dim, keepdim=True).values
+        room = k - (view > threshold).sum(dim=dim, dtype=torch.int64).reshape(-1)
+        return threshold, room
+    hist = _group_histograms(view, dim, values)
+    at_least = hist.flip(1).cumsum(1).flip(1)  # at_least[g, v]: counts >= v in group g
+    threshold = (at_least >= k).sum(dim=1) - 1
+    at_least = torch.cat([at_least, torch.zeros_like(at_least[:, :1])], dim=1)
+    room = k - at_least.gather(1, (threshold + 1).unsqueeze(1)).squeeze(1)
+    shape = (-1, 1) if dim == 1 else (1, -1)
+    return threshold.to(view.dtype).reshape(shape), room
+
+
+def _group_histograms(counts: torch.Tensor, dim: int, values: int) -> torch.Tensor:
+    """(groups, values) histograms of the counts of every row (``dim`` 1) or column (0)."""
+    rows, cols = counts.shape
+    step = max(1, _HIST_CHUNK // max(1, cols))
+    dev = counts.device
+    if dim == 1:
+        hist = torch.empty(rows, values, dtype=torch.int64, device=dev)
+        for r0 in range(0, rows, step):
+            part = counts[r0 : r0 + step]
+            offset = torch.arange(len(part), dtype=torch.int32, device=dev).mul_(values).unsqueeze(1)
+            cells = (part + offset).reshape(-1)
+            hist[r0 : r0 + len(part)] = torch.bincount(cells, minlength=len(part) * values).reshape(
+                -1, values
+            )
+        return hist
+    hist = torch.zeros(cols * values, dtype=torch.int64, device=dev)
+    offset = torch.arange(cols, dtype=torch.int32, device=dev).mul_(values).unsqueeze(0)
+    for r0 in range(0, rows, step):
+        hist += torch.bincount((counts[r0 : r0 + step] + offset).reshape(-1), minlength=cols * values)
+    return hist.reshape(cols, values)
 
 
 def _tie_key(
     config: PruneConfig, flat_index: torch.Tensor, weight: torch.Tensor | None, salt: int
 ) -> torch.Tensor:
-    """The secondary key of the tied weights at ``flat_index`` (smaller is pruned first)."""
+    """The secondary key (int64 in [0, 2^32), smaller is pruned first) of the tied
+    weights at ``flat_index``: the hash of the index, or the magnitude's float32 bit
+    pattern (for floats >= 0, ordered as the values are)."""
     if config.tie_break == "magnitude":
         assert weight is not None
         picked = weight.detach().reshape(-1)[flat_index.to(weight.device)]
-        return picked.abs().float().to(flat_index.device)
+        bits = picked.abs().float().view(torch.int32)
+        return bits.to(device=flat_index.device, dtype=torch.int64)
     return tie_keys(config.seed, salt, flat_index)
 
 
@@ -247,50 +285,58 @@ def uses_reference_fill(config: PruneConfig) -> bool:
     return config.tie_break == "reference" and config.nm is None and config.comparison_group == "layer"
 
 
-def _flat_index(
-    group: torch.Tensor, member: torch.Tensor, shape: tuple[int, ...], config: PruneConfig
-) -> torch.Tensor:
-    """Row-major index in the (rows, cols) layer of grouped positions (group, member)."""
-    if config.nm is None and config.comparison_group == "column":
-        return member.to(torch.int64) * shape[1] + group
-    members = shape[1] if config.nm is None and config.comparison_group == "row" else None
-    if members is None:
-        members = config.nm[1] if config.nm is not None else shape[0] * shape[1]
-    return group.to(torch.int64) * members + member
+_MAX_BINS = 1 << 20  # histogram cells of the radix select (8 MiB of int64 counts)
 
 
-def _smallest(key: torch.Tensor, room: int) -> torch.Tensor:
-    """Which ``room`` entries of ``key`` come first by (key, index), found without a full sort.
+def _first_in_groups(key: torch.Tensor, group: torch.Tensor | None, room: torch.Tensor) -> torch.Tensor:
+    """Which entries come first by (group, key, position), ``room[g]`` of each group ``g``.
 
-    Integer keys (< 2^32) go through a histogram of their top 16 bits: every
-    bucket below the one where the count reaches ``room`` is taken, and only that
-    bucket is sorted. Float keys (magnitudes) use ``kthvalue``.
+    ``key`` holds integers in [0, 2^32); ``group`` (None: all in group 0) lists
+    each group's entries in index order. A radix select, linear time: one
+    histogram of the cells (group, top bits of the key) gives every group's edge
+    bucket, where its count reaches its room; entries in lower buckets are
+    taken, and only the edge buckets' entries (a few per group) are sorted.
     """
-    if room >= len(key):
-        return torch.ones_like(key, dtype=torch.bool)
-    if room <= 0:
-        return torch.zeros_like(key, dtype=torch.bool)
-    if key.dtype == torch.int64:
-        bucket = key >> 16
-        before = torch.bincount(bucket, minlength=1 << 16).cumsum(0)  # entries in buckets <= b
-        edge = int(torch.searchsorted(before, room))  # first bucket where the count reaches room
-        take = bucket < edge
-        left = room - (int(before[edge - 1]) if edge else 0)
-        inside = (bucket == edge).nonzero().squeeze(1)
-        take[inside[torch.sort(key[inside], stable=True).indices[:left]]] = True
-        return take
-    kth = torch.kthvalue(key, room).values
-    below = key < kth
-    at = key == kth
-    return below | (at & (at.cumsum(0) <= room - below.sum()))
+    groups = len(room)
+    room = room.to(device=key.device, dtype=torch.int64)
+    per_group = max(1, len(key) // groups)
+    bits = max(0, min(16, per_group.bit_length(), (_MAX_BINS // groups).bit_length() - 1))
+    cell = key >> (32 - bits)
+    if group is not None:
+        cell.add_(group, alpha=1 << bits)  # group * 2^bits + bucket
+    hist = torch.bincount(cell, minlength=groups << bits).reshape(groups, 1 << bits)
+    seen = hist.cumsum(dim=1)  # seen[g, b]: entries of group g in buckets <= b
+    edge = torch.searchsorted(seen, room.unsqueeze(1))  # (groups, 1): first bucket reaching room
+    before = torch.where(edge > 0, seen.gather(1, (edge - 1).clamp_(min=0)), 0).squeeze(1)
+    # Per cell: 2 below its group's edge bucket (taken), 1 at it (sorted), 0 above.
+    bucket = torch.arange(1 << bits, device=key.device)
+    verdict = ((bucket < edge).to(torch.int8) * 2 + (bucket == edge)).reshape(-1)
+    of_entry = verdict[cell]
+    del cell
+    take = of_entry == 2
+    at = (of_entry == 1).nonzero().squeeze(1)  # the edge buckets' entries, by position
+    del of_entry
+    if len(at):
+        at_group = torch.zeros_like(at) if group is None else group[at]
+        at = at[torch.sort(key[at] + (at_group << 32), stable=True).indices]
+        at_group = torch.zeros_like(at) if group is None else group[at]
+        first = torch.searchsorted(at_group, torch.arange(groups, device=at.device))
+        rank = torch.arange(len(at), device=at.device) - first[at_group]
+        take[at[rank < (room - before)[at_group]]] = True
+    return take
 
 
 def _threshold_and_above(counts: torch.Tensor, rank: int) -> tuple[int, int]:
     """The ``rank``-th highest count (1-based) and how many counts exceed it, from a histogram."""
-    hist = torch.bincount(counts, minlength=int(counts.max()) + 2)
-    at_least = hist.flip(0).cumsum(0).flip(0)  # at_least[v] = #(count >= v)
-    threshold = int((at_least >= rank).nonzero().max())
-    return threshold, int(at_least[threshold + 1])
+    at_least = torch.bincount(counts.reshape(-1)).flip(0).cumsum(0).flip(0)  # at_least[v] = #(count >= v)
+    threshold = int((at_least >= rank).sum()) - 1
+    return threshold, int(at_least[threshold + 1]) if threshold + 1 < len(at_least) else 0
+
+
+def _threshold_and_above_room(counts: torch.Tensor, k: int) -> tuple[int, int]:
+    """The k-th highest count and the room left at it (k minus the counts above it)."""
+    threshold, above = _threshold_and_above(counts, k)
+    return threshold, k - above
 
 
 def _threshold(counts: torch.Tensor, rank: int) -> int:

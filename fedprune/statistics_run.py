@@ -139,7 +139,7 @@ def prune_statistics(
         masks = select_block_masks(weights, pooled.sq_norm, config)
         for name, mask in masks.items():
             apply_mask(weights[name], mask)
-            pruned_counts[name] = (int(mask.sum()), mask.numel())
+            pruned_counts[name] = (int(torch.count_nonzero(mask)), mask.numel())
             if keep_masks:
                 final_masks[name] = mask.cpu()
         timings["selection"] += time.perf_counter() - t0

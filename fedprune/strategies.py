@@ -46,12 +46,17 @@ def plain_sum(client_masks: Sequence[MaskSet]) -> dict[str, torch.Tensor]:
     """Vote counts in the clear: the element-wise sum of the clients' boolean masks."""
     counts: dict[str, torch.Tensor] = {}
     for masks in client_masks:
-        for name, mask in masks.items():
-            if name in counts:
-                counts[name] += mask
-            else:
-                counts[name] = mask.to(torch.int16)
+        add_votes(counts, masks)
     return counts
+
+
+def add_votes(counts: dict[str, torch.Tensor], masks: MaskSet) -> None:
+    """Add one client's boolean masks to the running vote counts (int16) in place."""
+    for name, mask in masks.items():
+        if name in counts:
+            counts[name] += mask
+        else:
+            counts[name] = mask.to(torch.int16)
 
 
 @dataclass
@@ -70,7 +75,9 @@ class PruneResult:
 
     def sparsity(self) -> tuple[float, dict[str, float]]:
         """Global and per-layer fraction of pruned prunable weights."""
-        counts = self.pruned_counts or {n: (int(m.sum()), m.numel()) for n, m in self.final_masks.items()}
+        counts = self.pruned_counts or {
+            n: (int(torch.count_nonzero(m)), m.numel()) for n, m in self.final_masks.items()
+        }
         per_layer = {n: pruned / total for n, (pruned, total) in counts.items()}
         pruned = sum(p for p, _ in counts.values())
         total = sum(t for _, t in counts.values())
@@ -228,28 +235,23 @@ def prune(
         t0 = time.perf_counter()
         blocks.load(i)
         timings["load"] = timings.get("load", 0.0) + time.perf_counter() - t0
-        t0 = time.perf_counter()
-        local = [client.local_masks(i) for client in clients]
-        if strategy == "one-shot":
-            for client, masks in zip(clients, local, strict=True):
-                client.advance(i, masks)
-        timings["calibration"] += time.perf_counter() - t0
         if strategy == "centralized":
-            block_final = local[0]
+            t0 = time.perf_counter()
+            block_final = clients[0].local_masks(i)
+            timings["calibration"] += time.perf_counter() - t0
             weights = prunable_weights(model)
             for name, mask in block_final.items():
                 apply_mask(weights[name], mask)
         else:
-            t0 = time.perf_counter()
-            counts = aggregate(local)
-            timings["aggregation"] += time.perf_counter() - t0
+            counts = _block_votes(clients, i, strategy, aggregate, timings)
             t0 = time.perf_counter()
             block_final = apply_vote_counts(model, counts, config, num_clients, salts)
             timings["selection"] += time.perf_counter() - t0
-        pruned_counts.update({n: (int(m.sum()), m.numel()) for n, m in block_final.items()})
+            del counts
+        pruned_counts.update({n: (int(torch.count_nonzero(m)), m.numel()) for n, m in block_final.items()})
         if keep_masks:
             final_masks.update({n: m.cpu() for n, m in block_final.items()})
-        del local, block_final
+        del block_final
         if strategy != "one-shot":
             t0 = time.perf_counter()
             for client in clients:
@@ -260,3 +262,35 @@ def prune(
         timings["release"] = timings.get("release", 0.0) + time.perf_counter() - t0
     timings["prune_total"] = time.perf_counter() - start
     return PruneResult(final_masks, num_clients, timings, pruned_counts)
+
+
+def _block_votes(
+    clients: Sequence[ClientPruner], index: int, strategy: str, aggregate: Aggregate, timings: dict
+) -> dict[str, torch.Tensor]:
+    """The vote counts of block ``index``; one-shot clients advance through their own masks.
+
+    The in-process sum adds each client's masks as they come, so that one client's
+    masks are held at a time (not m of them); any other ``aggregate`` (the secure
+    sum) gets all clients' masks at once.
+    """
+    streaming = aggregate is plain_sum
+    counts: dict[str, torch.Tensor] = {}
+    local = []
+    for client in clients:
+        t0 = time.perf_counter()
+        masks = client.local_masks(index)
+        if strategy == "one-shot":
+            client.advance(index, masks)
+        t1 = time.perf_counter()
+        timings["calibration"] += t1 - t0
+        if streaming:
+            add_votes(counts, masks)
+            timings["aggregation"] += time.perf_counter() - t1
+        else:
+            local.append(masks)
+        del masks
+    if not streaming:
+        t0 = time.perf_counter()
+        counts = aggregate(local)
+        timings["aggregation"] += time.perf_counter() - t0
+    return counts

@@ -311,10 +311,10 @@ class PrunedWriter:
     def write_block(self, index: int) -> None:
         block = decoder_blocks(self.sm.model)[index]
         for w in block_matrices(block).values():
-            self.sparsity[0] += int((w == 0).sum())
+            self.sparsity[0] += w.numel() - int(torch.count_nonzero(w))
             self.sparsity[1] += w.numel()
         for p in block_matrix_params(block).values():
-            self.sparsity[2] += int((p == 0).sum())
+            self.sparsity[2] += p.numel() - int(torch.count_nonzero(p))
             self.sparsity[3] += p.numel()
         self._shard(index + 1, self.sm.block_state(index))
 

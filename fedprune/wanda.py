@@ -79,13 +79,13 @@ def wanda_scores(weight: torch.Tensor, sq_norm: torch.Tensor) -> torch.Tensor:
 def local_mask(scores: torch.Tensor, config: PruneConfig) -> torch.Tensor:
     """Boolean mask (True = prune) with exactly the per-row (or per-N:M-group) count."""
     rows, cols = scores.shape
-    mask = torch.zeros_like(scores, dtype=torch.bool)
     if config.nm is not None:
         n, m = config.nm
         if cols % m:
             raise PruningConfigError(f"N:M {n}:{m} needs input width divisible by {m}, got {cols}")
         groups = scores.reshape(rows, cols // m, m)
         idx = torch.sort(groups, dim=-1, stable=True).indices[..., :n]
+        mask = torch.zeros_like(scores, dtype=torch.bool)
         return mask.reshape(rows, cols // m, m).scatter_(-1, idx, True).reshape(rows, cols)
     return smallest_per_row(scores, int(cols * config.sparsity))
 
@@ -101,8 +101,8 @@ def smallest_per_row(scores: torch.Tensor, k: int) -> torch.Tensor:
     threshold = torch.kthvalue(scores, k, dim=1, keepdim=True).values
     below = scores < threshold
     tied = scores == threshold
-    room = k - below.sum(dim=1, keepdim=True)
-    return below | (tied & (tied.cumsum(dim=1) <= room))
+    room = k - below.sum(dim=1, keepdim=True, dtype=torch.int32)
+    return below.logical_or_(tied.logical_and_(tied.cumsum(dim=1, dtype=torch.int32) <= room))
 
 
 def check_vote_counts(counts: torch.Tensor, config: PruneConfig, contributors: int, name: str = "") -> None:

