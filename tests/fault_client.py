@@ -83,10 +83,13 @@ class ExtraVotes(ClientHooks):
 
         secagg.client.ClientSession.masked_chunks = unchecked
 
-    def round_vector(self, rnd, vector):
-        vector = np.array(vector, dtype=np.uint8)
-        vector[:64] = 2
-        return vector
+    def round_input(self, rnd, values):
+        def doubled(offset, count):
+            chunk = np.array(values(offset, count), dtype=np.uint8)
+            chunk[: max(0, 64 - offset)] = 2
+            return chunk
+
+        return doubled
 
 
 class CorruptUnmaskShares(ClientHooks):
