@@ -55,7 +55,16 @@ def _client(coordinator, cid, identity, model_dir, windows, results):
     def run():
         try:
             results[cid] = client_module._session(
-                cfg, lm, lay, fp, windows, identity, inbox, outgoing, lambda _: None, client_module.ClientHooks()
+                cfg,
+                lm,
+                lay,
+                fp,
+                windows,
+                identity,
+                inbox,
+                outgoing,
+                lambda _: None,
+                client_module.ClientHooks(),
             )
         finally:
             outgoing.put(client_module._EOF)
