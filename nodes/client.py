@@ -39,7 +39,15 @@ from .errors import ClientFailed
 from .files import StagedDir, atomic_write_text
 from .identity import load_identity
 from .masks import PackedMask
-from .model import apply_final_mask, block_source, load_node_model, model_fingerprint, pruned_writer
+from .model import (
+    apply_final_mask,
+    block_source,
+    free_resident,
+    load_node_model,
+    load_resident,
+    model_fingerprint,
+    pruned_writer,
+)
 from .wire import convert
 from .wire import federation_pb2 as pb
 from .wire import federation_pb2_grpc as pb_grpc
@@ -243,8 +251,10 @@ class _Session:
                 _pack_votes(self.votes, lay, masks, block)
                 progress(block + 1)
             self.log(f"{cfg.client_id}: local masks ready in {time.perf_counter() - t0:.1f} s")
+            free_resident(self.lm)  # the embeddings are needed again only to save the model
         else:
             self.pruner = ClientPruner(self.lm.model, self.windows, prune_cfg)
+            free_resident(self.lm)  # the windows are embedded: from here on, blocks only
             self.log(f"{cfg.client_id}: calibration inputs ready in {time.perf_counter() - t0:.1f} s")
 
     def _progress(self, what: str, total: int):
@@ -359,6 +369,7 @@ class _Session:
         cfg, final = self.cfg, self.final
         digest, sparsity = final.sha256(), final.count() / final.length
         if self.writer is not None:
+            load_resident(self.lm)
             self.writer.finish()
             self.pruned.commit()
         self.log(f"{cfg.client_id}: finished; final mask sha256 {digest[:16]}…, sparsity {sparsity:.3f}")

@@ -53,7 +53,15 @@ from .errors import FederationAborted, ProtocolViolation
 from .files import StagedDir
 from .identity import load_identity, parse_public_hex
 from .masks import PackedMask
-from .model import MaskedBlocks, block_source, load_node_model, model_fingerprint, pruned_writer
+from .model import (
+    MaskedBlocks,
+    block_source,
+    free_resident,
+    load_node_model,
+    load_resident,
+    model_fingerprint,
+    pruned_writer,
+)
 from .outputs import mask_summary, perplexities, write_outputs
 from .wire import convert
 from .wire import federation_pb2 as pb
@@ -228,6 +236,7 @@ class Coordinator(pb_grpc.FederationServicer):
 
     def _federate(self) -> dict:
         eval_before = self._evaluate(block_source(self.lm)) if self.cfg.eval_sources else None
+        free_resident(self.lm)  # selection needs no embeddings nor head: only blocks, on demand
         t0 = time.perf_counter()
         self._await_members()
         self.timings["join"] = time.perf_counter() - t0
@@ -242,6 +251,8 @@ class Coordinator(pb_grpc.FederationServicer):
         for rnd, (offset, length, slots) in enumerate(ranges):
             self._round(rnd, offset, length, slots, salts)
             self.log(f"round {rnd + 1}/{len(ranges)} done")
+        if self.writer is not None or self.cfg.eval_sources:
+            load_resident(self.lm)
         if self.writer is not None:
             self.writer.finish()
         self.timings["federation"] = time.perf_counter() - t0

@@ -45,6 +45,18 @@ def model_fingerprint(lm: NodeModel) -> bytes:
     return bytes.fromhex(streamed_fingerprint(lm) if isinstance(lm, StreamedModel) else fingerprint(lm.model))
 
 
+def free_resident(lm: NodeModel) -> None:
+    """Free the weights outside the blocks (embeddings, final norm, head) of a streamed
+    model while only blocks are needed; :func:`load_resident` brings them back."""
+    if isinstance(lm, StreamedModel):
+        lm.free_resident()
+
+
+def load_resident(lm: NodeModel) -> None:
+    if isinstance(lm, StreamedModel):
+        lm.load_resident()
+
+
 class _Resident:
     """The blocks of a model loaded whole: always there; ``on_release`` still runs."""
 

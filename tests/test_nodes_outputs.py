@@ -31,7 +31,7 @@ from .conftest import save_tiny_model_dir
 CLIENTS = ("a", "b")
 
 
-def _client(coordinator, cid, identity, model_dir, windows, results):
+def _client(coordinator, cid, identity, model_dir, windows, results, save_model=""):
     """One client session on queues: the server's messages in, its answers to the coordinator."""
     link = coordinator.links[cid]
     inbox: queue.Queue = queue.Queue()
@@ -47,7 +47,9 @@ def _client(coordinator, cid, identity, model_dir, windows, results):
             if msg.WhichOneof("body") != "hello_proof":  # admission is not under test here
                 coordinator.events.put((cid, msg))
 
-    cfg = client_module.ClientConfig(server="-", client_id=cid, identity="", data=(), model=str(model_dir))
+    cfg = client_module.ClientConfig(
+        server="-", client_id=cid, identity="", data=(), model=str(model_dir), save_model=save_model
+    )
     lm = client_module.load_node_model(cfg.model, cfg.dtype, cfg.device, print)
     lay = layout(lm.model)
     fp = client_module.model_fingerprint(lm)
@@ -98,7 +100,8 @@ def test_pruned_model_loads_and_equals_the_in_process_pruning(tmp_path, mode, st
     for cid in CLIENTS:
         coordinator.links[cid] = Link(cid)
     for cid in CLIENTS:
-        _client(coordinator, cid, identities[cid], model_dir, windows[cid], results)
+        save = str(tmp_path / "a-model") if cid == "a" else ""  # a client keeps its pruned copy too
+        _client(coordinator, cid, identities[cid], model_dir, windows[cid], results, save)
     try:
         report = coordinator.federate()
     finally:
@@ -121,10 +124,11 @@ def test_pruned_model_loads_and_equals_the_in_process_pruning(tmp_path, mode, st
     assert (out / "final-mask.bin").read_bytes() == mask.bytes.tobytes()
     assert report["final_mask_sha256"] == mask.sha256() == results["a"]["final_mask_sha256"]
     assert report["sparsity"] == pytest.approx(0.5)
-    written = AutoModelForCausalLM.from_pretrained(out / "pruned-model")
-    assert AutoTokenizer.from_pretrained(out / "pruned-model")("ab")["input_ids"]
-    got = written.state_dict()
-    for name, tensor in expected.model.state_dict().items():
-        assert torch.equal(got[name], tensor), name
-    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no staging left behind
+    for written in (out / "pruned-model", tmp_path / "a-model"):
+        assert AutoTokenizer.from_pretrained(written)("ab")["input_ids"]
+        got = AutoModelForCausalLM.from_pretrained(written).state_dict()
+        for name, tensor in expected.model.state_dict().items():
+            assert torch.equal(got[name], tensor), (written.name, name)
+    staging = [p.name for d in (out, tmp_path) for p in d.iterdir() if p.name.startswith(".")]
+    assert not staging  # nothing half-written left behind
     assert np.isclose(float((got["model.layers.0.mlp.up_proj.weight"] == 0).float().mean()), 0.5)
