@@ -106,9 +106,13 @@ def partition_configs(args) -> list[tuple[str, DataConfig]]:
             out.append(("iid", DataConfig(clients=args.clients, partition="iid", **common)))
         elif name == "dirichlet":
             label = f"dirichlet α={args.alpha:g}"
-            out.append((label, DataConfig(clients=args.clients, partition="dirichlet", alpha=args.alpha, **common)))
+            out.append(
+                (label, DataConfig(clients=args.clients, partition="dirichlet", alpha=args.alpha, **common))
+            )
         elif name == "source":
-            out.append(("one source per client", DataConfig(clients=len(args.calib), partition="source", **common)))
+            out.append(
+                ("one source per client", DataConfig(clients=len(args.calib), partition="source", **common))
+            )
         else:
             raise SystemExit(f"unknown partition {name!r}")
     return out
@@ -162,7 +166,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     data = "../shared/data"
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--calib", nargs="+", default=[f"{data}/wikitext-2/valid.txt", f"{data}/ptb/ptb.valid.txt"])
+    p.add_argument(
+        "--calib", nargs="+", default=[f"{data}/wikitext-2/valid.txt", f"{data}/ptb/ptb.valid.txt"]
+    )
     p.add_argument("--eval", nargs="+", default=[f"{data}/wikitext-2/test.txt", f"{data}/ptb/ptb.test.txt"])
     p.add_argument("--partitions", nargs="+", default=["iid", "dirichlet", "source"])
     p.add_argument("--alpha", type=float, default=0.1)
@@ -203,7 +209,12 @@ def main() -> int:
                 (RunSpec("iterative", voting), False),
                 (RunSpec("statistics", wanda, StatisticsConfig()), True),
             ] + [
-                (RunSpec("statistics", wanda, StatisticsConfig(args.dp_clip, DPConfig(eps, args.dp_delta))), True)
+                (
+                    RunSpec(
+                        "statistics", wanda, StatisticsConfig(args.dp_clip, DPConfig(eps, args.dp_delta))
+                    ),
+                    True,
+                )
                 for eps in args.epsilons
             ]
             for spec, secure in specs:
@@ -244,7 +255,10 @@ def main() -> int:
             "platform": platform.platform(), "threads": torch.get_num_threads()}  # fmt: skip
     atomic_write_text(
         out / "statistics_study.json",
-        json.dumps({"meta": meta, "rows": rows, "agreement": agreement, "traffic": traffic, "runs": reports}, indent=2),
+        json.dumps(
+            {"meta": meta, "rows": rows, "agreement": agreement, "traffic": traffic, "runs": reports},
+            indent=2,
+        ),
     )
     print(text)
     return 0

@@ -127,7 +127,8 @@ def _check_lane_bits(bits: int) -> None:
 
 class PlainAggregator(Aggregator):
     """Plain mode: every client sends its vector packed at ``lane_bits`` per element; the
-    server sees each one and adds them up (Wanda votes: 1 bit per weight).
+    server sees each one and adds them up (Wanda votes: 1 bit per weight; the statistics
+    strategy's fixed-point elements: 64-bit lanes, summed modulo 2^64).
     """
 
     def __init__(self, federation: Federation, *, lane_bits: int, chunk_elems: int, min_clients: int) -> None:

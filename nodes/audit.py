@@ -30,7 +30,8 @@ from .errors import AuditError
 from .files import atomic_write_bytes, atomic_write_text
 
 GENESIS = "0" * 64
-LANE_BITS = (1, 2, 4, 8, 16)
+LANE_BITS = (1, 2, 4, 8, 16, 32, 64)
+UNIFORMITY_BITS = 16  # wider lanes are tested byte by byte (a uniform lane has uniform bytes)
 
 
 def _record_hash(record: dict) -> str:
@@ -264,27 +265,39 @@ def audit(directory: str | Path, receipts=()) -> tuple[str, bool]:
     lines.append("|---|---|---|---|---|")
     verdict_ok = error is None and not problems
     bits = int(meta.get("lane_bits", 1))
+    statistics = meta.get("strategy") == "statistics"
     for (sender, rnd), row in sorted(table.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1]))):
         kinds = ", ".join(f"{k}×{n}" for k, n in sorted(row["kinds"].items()))
         data = b"".join(chunks.get((sender, rnd), []))
         if not data:
             seen = "-"
+        elif mode == "plain" and statistics:
+            lanes = unpack(np.frombuffer(data, dtype=np.uint8), bits, len(data) * 8 // bits)
+            digest = hashlib.sha256(data).hexdigest()[:12]
+            seen = (
+                f"VISIBLE: this client's statistics ({len(lanes)} {bits}-bit elements, "
+                f"{int(lanes[-1])} tokens, sha256 {digest}…)"
+            )
         elif mode == "plain":
             mask = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")
             digest = hashlib.sha256(data).hexdigest()[:12]
             seen = f"VISIBLE: this client's mask ({mask.mean():.3f} pruned, sha256 {digest}…)"
         else:
-            lanes = unpack(np.frombuffer(data, dtype=np.uint8), bits, len(data) * 8 // bits)
-            z = uniformity_z(lanes, bits)
+            tested = bits if bits <= UNIFORMITY_BITS else 8
+            lanes = unpack(np.frombuffer(data, dtype=np.uint8), tested, len(data) * 8 // tested)
+            z = uniformity_z(lanes, tested)
             ok = z < 3.1
             verdict_ok &= ok
-            seen = f"{'uniform' if ok else 'NOT UNIFORM'} {bits}-bit lanes (chi-square z = {z:.2f})"
+            how = f"{bits}-bit lanes" + (" (tested byte by byte)" if tested != bits else "")
+            seen = f"{'uniform' if ok else 'NOT UNIFORM'} {how} (chi-square z = {z:.2f})"
         lines.append(f"| {sender} | {rnd} | {row['bytes']} | {kinds} | {seen} |")
     if mode == "secure":
         lines.append("")
+        what = (
+            "the pooled statistics of each block" if statistics else "the aggregate vote counts of each round"
+        )
         lines.append(
-            "decoded by the server: only the aggregate vote counts of each round "
-            f"({', '.join(meta.get('decoded', [])) or 'none recorded'})"
+            f"decoded by the server: only {what} ({', '.join(meta.get('decoded', [])) or 'none recorded'})"
         )
         for rnd, dropped in sorted(meta.get("dropped", {}).items(), key=lambda kv: int(kv[0])):
             for client in dropped:

@@ -365,8 +365,24 @@ def _add_nodes(sub) -> None:
         ("dtype", str),
         ("eval-windows", int),
         ("eval-seqlen", int),
+        ("max-tokens-per-client", int),
+        ("seqlen", int),
     ]:
         p.add_argument(f"--{name}", type=kind, default=None)
+    p.add_argument(
+        "--stats-clip",
+        type=float,
+        default=None,
+        metavar="C",
+        help="statistics: clip of each token's squared inputs to one layer, in L2 norm "
+        "(default 2^32: nothing clipped; required with --dp-epsilon)",
+    )
+    p.add_argument(
+        "--dp-epsilon", type=float, default=None, help="statistics, secure mode: DP target epsilon per client"
+    )
+    p.add_argument(
+        "--dp-delta", type=float, default=None, help="statistics, secure mode: DP target delta per client"
+    )
     p.add_argument(
         "--threshold",
         type=int,
@@ -443,7 +459,10 @@ def _add_nodes(sub) -> None:
     )
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--mode", default="both", choices=["plain", "secure", "both"])
-    p.add_argument("--strategy", default="one-shot", choices=["one-shot", "iterative"])
+    p.add_argument("--strategy", default="one-shot", choices=["one-shot", "iterative", "statistics"])
+    p.add_argument("--stats-clip", type=float, default=None, metavar="C", help="statistics: the clip")
+    p.add_argument("--dp-epsilon", type=float, default=None, help="statistics, --mode secure: DP epsilon")
+    p.add_argument("--dp-delta", type=float, default=None, help="statistics, --mode secure: DP delta")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--nsamples", type=int, default=4, help="windows per client")
     p.add_argument("--seqlen", type=int, default=128)

@@ -1,8 +1,10 @@
-"""The client process: private data stays here; only (masked) votes leave.
+"""The client process: private data stays here; only (masked) votes or statistics leave.
 
 It loads the model, proves it is the server's (fingerprint), computes its
-Wanda masks with fedprune, runs the secagg client over the gRPC stream,
-applies the final mask it receives, and can save its pruned model.
+Wanda masks with fedprune (or, for the statistics strategy, its per-channel
+input statistics block by block: nodes.statistics_rounds), runs the secagg
+client over the gRPC stream, applies the final mask it receives, and can save
+its pruned model.
 
 The model is never whole in memory (nodes.model): each pass loads one decoder
 block at a time. Votes are bit-packed as soon as a block's masks exist, and
@@ -25,6 +27,7 @@ import numpy as np
 
 from fedprune.assets import cache_dir
 from fedprune.data import load_text, sample_windows, tokenize
+from fedprune.errors import FedPruneError
 from fedprune.models import layout
 from fedprune.strategies import ClientPruner, local_block_masks
 from secagg import ClientSession, SessionConfig
@@ -48,6 +51,7 @@ from .model import (
     model_fingerprint,
     pruned_writer,
 )
+from .statistics_rounds import INPUT_BOUND, LANE_BITS, StatisticsClient, StatisticsParameters
 from .wire import convert
 from .wire import federation_pb2 as pb
 from .wire import federation_pb2_grpc as pb_grpc
@@ -183,6 +187,7 @@ class _Session:
         self.session_id: bytes | None = None  # from the server's challenge
         self.sa: ClientSession | None = None
         self.pruner: ClientPruner | None = None
+        self.statistics: StatisticsClient | None = None
         self.votes: PackedMask | None = None  # one-shot: every layer's votes, bit-packed
         self.pending: ChunkSource | None = None  # this round's votes, waiting for the share bundle
         self.final = PackedMask(lay.total)
@@ -223,6 +228,19 @@ class _Session:
         if welcome.weight_scaling:
             raise ClientFailed("weight scaling cannot be applied from a broadcast mask")
         prune_cfg = convert.prune_from_welcome(welcome, cfg.batch_size)
+        statistics = welcome.strategy == "statistics"
+        params = None
+        if statistics:
+            if welcome.lane_bits != LANE_BITS:
+                raise ClientFailed(
+                    f"the statistics strategy uses {LANE_BITS}-bit lanes, the server says {welcome.lane_bits}"
+                )
+            try:
+                params = StatisticsParameters.from_welcome(welcome, lay.num_blocks)
+            except FedPruneError as exc:
+                raise ClientFailed(f"refusing the server's statistics settings: {exc}") from exc
+        elif welcome.strategy not in ("one-shot", "iterative"):
+            raise ClientFailed(f"unknown strategy {welcome.strategy!r} from the server")
         if welcome.mode == "secure":
             roster = {e.index: e.identity_public for e in welcome.roster}
             try:  # the client enforces t > g/2 itself: a server cannot lower it
@@ -234,6 +252,7 @@ class _Session:
                     lane_bits=welcome.lane_bits,
                     chunk_elems=welcome.chunk_elems,
                     neighbours=welcome.neighbours or None,
+                    **({"input_bound": INPUT_BOUND} if statistics else {}),
                 )
             except SecAggError as exc:
                 raise ClientFailed(f"refusing the server's secure-aggregation settings: {exc}") from exc
@@ -252,6 +271,14 @@ class _Session:
                 progress(block + 1)
             self.log(f"{cfg.client_id}: local masks ready in {time.perf_counter() - t0:.1f} s")
             free_resident(self.lm)  # the embeddings are needed again only to save the model
+        elif statistics:
+            try:
+                self.statistics = StatisticsClient(self.lm.model, self.windows, lay, params, cfg.batch_size)
+            except FedPruneError as exc:
+                raise ClientFailed(f"refusing to join: {exc}") from exc
+            dp = f", DP epsilon {params.dp_epsilon:g}, delta {params.dp_delta:g}" if params.dp else ""
+            self.log(f"{cfg.client_id}: calibration inputs ready in {time.perf_counter() - t0:.1f} s{dp}")
+            free_resident(self.lm)  # the windows are embedded: from here on, blocks only
         else:
             self.pruner = ClientPruner(self.lm.model, self.windows, prune_cfg)
             free_resident(self.lm)  # the windows are embedded: from here on, blocks only
@@ -267,23 +294,44 @@ class _Session:
 
     def on_round_start(self, rs) -> None:
         self.ranges[rs.round] = (rs.offset, rs.length)
+        block = next((s.block for s in self.lay.slots if s.offset == rs.offset), None)
+        if self.welcome.strategy != "one-shot" and block is None:
+            raise ClientFailed(f"round {rs.round} starts at offset {rs.offset}, where no block starts")
+        length = rs.length
+        if self.statistics is not None:
+            length = _statistics_length(self.lay, block)
+            if rs.vector_length != length:
+                raise ClientFailed(
+                    f"round {rs.round}: the server asks for {rs.vector_length} statistics of block "
+                    f"{block}, which has {length}"
+                )
         if self.sa is not None:  # fresh keys first, so the key round overlaps our local work
-            self.send(key_advert=convert.advert_to_pb(self.sa.advertise(rs.round, rs.length)))
-        if self.welcome.strategy == "iterative":
-            block = next((s.block for s in self.lay.slots if s.offset == rs.offset), None)
-            if block is None or self.lay.block_range(block) != (rs.offset, rs.length):
+            self.send(key_advert=convert.advert_to_pb(self.sa.advertise(rs.round, length)))
+        if self.statistics is not None:
+            self.pruned_blocks.load(block)  # released once the final mask is applied
+            try:
+                vector = self.statistics.vector(block)
+            except FedPruneError as exc:
+                raise ClientFailed(f"round {rs.round}: {exc}") from exc
+            self.log(f"{self.cfg.client_id}: block {block + 1}/{self.lay.num_blocks} statistics ready")
+            source = _slicer(vector)
+        elif self.welcome.strategy == "iterative":
+            if self.lay.block_range(block) != (rs.offset, rs.length):
                 raise ClientFailed(f"round {rs.round} is not one decoder block of the layout")
             self.pruned_blocks.load(block)  # released once the final mask is applied
             votes = PackedMask(rs.length)
             _pack_votes(votes, self.lay, self.pruner.local_masks(block), block, rs.offset)
+            source = _vote_source(votes)
             self.log(f"{self.cfg.client_id}: block {block + 1}/{self.lay.num_blocks} masks ready")
         else:
             if (rs.offset, rs.length) != (0, self.lay.total):
                 raise ClientFailed(f"one-shot round {rs.round} does not cover the whole layout")
-            votes = self.votes
-        values = self.hooks.round_input(rs.round, _vote_source(votes))
+            source = _vote_source(self.votes)
+        values = self.hooks.round_input(rs.round, source)
         if self.sa is None:
-            self._send_input(rs.round, _plain_chunks(rs.round, values, rs.length, self.welcome.chunk_elems))
+            bits = LANE_BITS if self.statistics is not None else 1
+            chunks = _plain_chunks(rs.round, values, length, self.welcome.chunk_elems, bits)
+            self._send_input(rs.round, chunks)
         else:
             self.pending = values
 
@@ -324,10 +372,10 @@ class _Session:
         self.final.set_packed(offset + fm.offset, fm.data, min(len(fm.data) * 8, length - fm.offset))
         if not fm.last:
             return
-        if self.pruner is not None:  # iterative: this block's inputs to the next come from it pruned
-            block = next(s.block for s in self.lay.slots if s.offset == offset)
+        if self.pruner is not None or self.statistics is not None:  # the next block's inputs come
+            block = next(s.block for s in self.lay.slots if s.offset == offset)  # from this one pruned
             apply_final_mask(self.lm, self.lay, self.final, block)
-            self.pruner.advance(block)
+            (self.pruner or self.statistics).advance(block)
             self.pruned_blocks.release(block)
         elif self.writer is not None:  # one-shot: one more pass, to write the pruned model
             for block in range(self.lay.num_blocks):
@@ -423,3 +471,14 @@ def _plain_chunks(
     for start in range(0, length, chunk):
         data = pack(values(start, min(chunk, length - start)), bits).tobytes()
         yield pb.VectorChunk(round=rnd, offset=start, data=data)
+
+
+def _slicer(vector: np.ndarray) -> ChunkSource:
+    """A short vector held whole (a block's statistics) as a chunk source."""
+    return lambda offset, count: vector[offset : offset + count]
+
+
+def _statistics_length(lay, block: int) -> int:
+    from fedprune.statistics import BlockLayout
+
+    return BlockLayout.from_slots(lay.block_slots(block)).length

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import socket
 import tomllib
@@ -16,6 +17,7 @@ from .errors import NodeConfigError
 from .identity import CLIENT_ID_PATTERN
 
 LOOPBACK_NAMES = {"localhost"}
+STRATEGIES = ("one-shot", "iterative", "statistics")
 
 
 def is_loopback(address: str) -> bool:
@@ -68,8 +70,8 @@ class ServerConfig:
     dtype: str = "float32"
     device: str = "cpu"
     sparsity: float = 0.5
-    group: str = "layer"
-    strategy: str = "one-shot"
+    group: str = ""  # "": layer for the voting strategies, row (Wanda's own rule) for statistics
+    strategy: str = "one-shot"  # one-shot | iterative | statistics
     tie_break: str = "random"
     weight_scaling: bool = False
     nm: str = ""
@@ -98,6 +100,14 @@ class ServerConfig:
     eval_sources: list[str] = field(default_factory=list)
     eval_windows: int = 8
     eval_seqlen: int = 128
+    # The statistics strategy (nodes.statistics_rounds): the clip C (None: 2^32, nothing is
+    # clipped; required with DP), each client's token bound, the clients' window length (the
+    # DP unit), and optional differential privacy per client (secure mode only).
+    stats_clip: float | None = None
+    max_tokens_per_client: int = 128 * 2048
+    seqlen: int = 128
+    dp_epsilon: float | None = None
+    dp_delta: float | None = None
 
     def validate(self) -> ServerConfig:
         if self.insecure:
@@ -121,8 +131,9 @@ class ServerConfig:
             )
         if self.threshold < 0 or self.neighbours < 0:
             raise NodeConfigError("threshold and neighbours must be non-negative")
-        if self.strategy not in ("one-shot", "iterative"):
-            raise NodeConfigError(f"strategy must be one-shot or iterative, got {self.strategy!r}")
+        if self.strategy not in STRATEGIES:
+            raise NodeConfigError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        self._check_statistics()
         if self.tie_break not in TIE_BREAKS:
             raise NodeConfigError(f"tie_break must be one of {', '.join(TIE_BREAKS)}, got {self.tie_break!r}")
         if not 1 <= self.min_clients <= self.expected_clients:
@@ -162,16 +173,65 @@ class ServerConfig:
         self.prune_config()  # the pruning settings, checked before the model loads
         return self
 
+    def _check_statistics(self) -> None:
+        """The statistics settings; numbers only, so that a mistake costs no torch import."""
+        dp = self.dp_epsilon is not None or self.dp_delta is not None
+        if self.strategy != "statistics":
+            if dp or self.stats_clip is not None:
+                raise NodeConfigError('stats_clip, dp_epsilon and dp_delta apply to strategy = "statistics"')
+            return
+        if self.stats_clip is not None and not _positive(self.stats_clip):
+            raise NodeConfigError(f"stats_clip must be a positive number, got {self.stats_clip!r}")
+        if not _integer(self.max_tokens_per_client) or self.max_tokens_per_client < 1:
+            raise NodeConfigError(
+                f"max_tokens_per_client must be a positive integer, got {self.max_tokens_per_client!r}"
+            )
+        if not _integer(self.seqlen) or self.seqlen < 2:
+            raise NodeConfigError(f"seqlen must be an integer >= 2, got {self.seqlen!r}")
+        if not dp:
+            return
+        if self.dp_epsilon is None or self.dp_delta is None:
+            raise NodeConfigError("differential privacy needs both dp_epsilon and dp_delta")
+        if not _positive(self.dp_epsilon):
+            raise NodeConfigError(f"dp_epsilon must be a positive number, got {self.dp_epsilon!r}")
+        if (
+            isinstance(self.dp_delta, bool)
+            or not isinstance(self.dp_delta, int | float)
+            or not 0 < self.dp_delta < 1
+        ):
+            raise NodeConfigError(f"dp_delta must be in (0, 1), got {self.dp_delta!r}")
+        if self.mode != "secure":
+            raise NodeConfigError(
+                "differential privacy needs mode = secure: with plain aggregation the server sees "
+                "each client's noise share, a fraction of the noise"
+            )
+        if self.stats_clip is None:
+            raise NodeConfigError("differential privacy needs stats_clip (the clip sets the noise scale)")
+
+    @property
+    def comparison_group(self) -> str:
+        return self.group or ("row" if self.strategy == "statistics" else "layer")
+
     def prune_config(self) -> PruneConfig:
         """The pruning settings of this federation (see ``fedprune.config.prune_config``)."""
         return prune_config(
             sparsity=self.sparsity,
-            group=self.group,
+            group=self.comparison_group,
             tie_break=self.tie_break,
             nm=self.nm,
             seed=self.seed,
             weight_scaling=self.weight_scaling,
         )
+
+
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _positive(value) -> bool:
+    return (
+        isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    )
 
 
 def load_server_config(path: str | None, overrides: dict) -> ServerConfig:

@@ -8,10 +8,11 @@ machines are only ever touched by one thread. A federation reads as its steps:
 1. admission (nodes.admission) until ``join_deadline_s``; at least
    ``min_clients`` members, after which nobody else joins;
 2. the session: threshold and lane width, session.json, one Welcome each;
-3. per round (one-shot: one; iterative: one per decoder block): RoundStart,
-   the aggregator's exchange (nodes.aggregators; each of its steps waits at
-   most ``round_deadline_s``), vote-count checks and selection, the final mask
-   broadcast, a signed receipt;
+3. per round (one-shot: one; iterative and statistics: one per decoder block):
+   RoundStart, the aggregator's exchange (nodes.aggregators; each of its steps
+   waits at most ``round_deadline_s``), the checks of the sums and selection
+   (vote counts, or the pooled statistics: nodes.statistics_rounds), the final
+   mask broadcast, a signed receipt;
 4. outputs (nodes.outputs) and Finished.
 
 The model is never whole in memory (nodes.model): the server loads a decoder
@@ -36,7 +37,7 @@ import numpy as np
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from fedprune.errors import VoteCountError
+from fedprune.errors import StatisticsError, VoteCountError
 from fedprune.models import LayerSlot, layout
 from fedprune.selection import LayerSalts
 from fedprune.strategies import apply_vote_counts, layer_salts
@@ -63,6 +64,8 @@ from .model import (
     pruned_writer,
 )
 from .outputs import mask_summary, perplexities, write_outputs
+from .statistics_rounds import INPUT_BOUND, StatisticsParameters, block_layouts, server_block_masks
+from .traffic import traffic
 from .wire import convert
 from .wire import federation_pb2 as pb
 from .wire import federation_pb2_grpc as pb_grpc
@@ -101,6 +104,15 @@ class Coordinator(pb_grpc.FederationServicer):
         self.pruned: StagedDir | None = None  # pruned-model/, written block by block as selected
         self.writer = None
         self.blocks = block_source(self.lm)
+        # Statistics with DP: the noise that meets (epsilon, delta) over one round per block,
+        # found before anything is served or written (a target no noise meets is one line).
+        self.dp_calibration = None
+        if cfg.strategy == "statistics" and cfg.dp_epsilon is not None:
+            from fedprune.statistics import DPConfig, calibrate_noise
+
+            self.dp_calibration = calibrate_noise(
+                DPConfig(cfg.dp_epsilon, cfg.dp_delta), self.layout.num_blocks
+            )
         self.timings = {"load_model": time.perf_counter() - t0}
         self.transcript = Transcript(cfg.audit_dir, cfg.store_payloads)
         # The identity that signs receipts: a configured key, or one made for this run (its
@@ -130,6 +142,8 @@ class Coordinator(pb_grpc.FederationServicer):
         self.lane_bits = 0
         self.session_meta: dict = {}
         self.aggregator: Aggregator | None = None
+        self.statistics: StatisticsParameters | None = None  # the statistics strategy's parameters
+        self.block_layouts: list = []  # statistics: each block's BlockLayout
 
     # ---- gRPC side -------------------------------------------------------------
     def Session(self, request_iterator, context):  # noqa: N802 (gRPC method name)
@@ -242,6 +256,7 @@ class Coordinator(pb_grpc.FederationServicer):
         self.timings["join"] = time.perf_counter() - t0
         self._open_session()
         ranges = self._round_ranges()
+        self.block_layouts = block_layouts(self.layout) if self.statistics else []
         salts = layer_salts(self.lm.model)
         if self.cfg.save_model:  # each block is written as it is selected
             Path(self.cfg.output_dir).mkdir(parents=True, exist_ok=True)
@@ -293,7 +308,21 @@ class Coordinator(pb_grpc.FederationServicer):
                 f"threshold {self.threshold} must be more than half of each sharing group of {group} "
                 f"and at most {group}"
             )
-        self.lane_bits = lane_bits_for(n)  # the vote counts 0..n fit
+        statistics = cfg.strategy == "statistics"
+        # Votes: the counts 0..n fit. Statistics: fixed-point ring elements of Z_(2^64).
+        self.lane_bits = 64 if statistics else lane_bits_for(n)
+        if statistics:
+            from fedprune.statistics import DEFAULT_CLIP
+
+            self.statistics = StatisticsParameters.for_server(
+                DEFAULT_CLIP if cfg.stats_clip is None else float(cfg.stats_clip),
+                cfg.max_tokens_per_client,
+                cfg.seqlen,
+                n,
+                self.threshold if cfg.mode == "secure" else 1,
+                self.layout.num_blocks,
+                self.dp_calibration,
+            )
         self.session_meta = {
             "mode": cfg.mode,
             "strategy": cfg.strategy,
@@ -307,6 +336,8 @@ class Coordinator(pb_grpc.FederationServicer):
             "store_payloads": cfg.store_payloads,
             "decoded": [],
         }
+        if self.statistics:
+            self.session_meta["statistics"] = self.statistics.to_welcome()
         self.transcript.write_meta("session.json", self.session_meta)
         for cid in self.members:
             self.links[cid].send(welcome=self._welcome(cid))
@@ -320,10 +351,21 @@ class Coordinator(pb_grpc.FederationServicer):
                 chunk_elems=cfg.chunk_elems,
                 neighbours=cfg.neighbours or None,
                 work_dir=cfg.output_dir,
+                **(
+                    {
+                        "input_bound": INPUT_BOUND,
+                        "values": "pooled per-channel statistics of the round's block",
+                    }
+                    if statistics
+                    else {}
+                ),
             )
-        else:  # plain votes travel at 1 bit per weight
+        else:  # plain votes travel at 1 bit per weight, statistics at 64
             self.aggregator = PlainAggregator(
-                self, lane_bits=1, chunk_elems=cfg.chunk_elems, min_clients=cfg.min_clients
+                self,
+                lane_bits=64 if statistics else 1,
+                chunk_elems=cfg.chunk_elems,
+                min_clients=cfg.min_clients,
             )
 
     def _welcome(self, cid: str) -> pb.Welcome:
@@ -347,6 +389,7 @@ class Coordinator(pb_grpc.FederationServicer):
                 for s in self.layout.slots
             ],
             deadline_s=self.cfg.round_deadline_s,
+            **(self.statistics.to_welcome() if self.statistics else {}),
         )
 
     def _round_ranges(self) -> list[tuple[int, int, tuple[LayerSlot, ...]]]:
@@ -361,12 +404,29 @@ class Coordinator(pb_grpc.FederationServicer):
     ) -> None:
         """Step 3: one round; selects the final mask of ``[offset, offset + length)``."""
         t1 = time.perf_counter()
+        before = {c: self.links[c].bytes_received for c in self.members}
+        # Statistics: the uploaded vector is the block's statistics, not one vote per weight.
+        vector_length = self.block_layouts[slots[0].block].length if self.statistics else length
         for cid in self.alive():
-            self.links[cid].send(round_start=pb.RoundStart(round=rnd, offset=offset, length=length))
-        counts, contributors = self.aggregator.sum_round(rnd, length)
-        t2 = time.perf_counter()
-        self.log(f"round {rnd}: selection over {len(contributors)} contributors")
-        self._select(rnd, counts, offset, slots, len(contributors), salts)
+            self.links[cid].send(
+                round_start=pb.RoundStart(
+                    round=rnd,
+                    offset=offset,
+                    length=length,
+                    vector_length=vector_length if self.statistics else 0,
+                )
+            )
+        extra = {}
+        if self.statistics:  # a short vector per block: unpacked whole
+            sums, contributors = self.aggregator.aggregate(rnd, vector_length)
+            t2 = time.perf_counter()
+            self.log(f"round {rnd}: selection over {len(contributors)} contributors")
+            extra = self._select_statistics(rnd, sums, slots, len(contributors))
+        else:
+            counts, contributors = self.aggregator.sum_round(rnd, length)
+            t2 = time.perf_counter()
+            self.log(f"round {rnd}: selection over {len(contributors)} contributors")
+            self._select(rnd, counts, offset, slots, len(contributors), salts)
         self._broadcast_mask(rnd, offset, length)
         self._send_receipt(rnd)
         self.rounds.append(
@@ -374,12 +434,51 @@ class Coordinator(pb_grpc.FederationServicer):
                 "round": rnd,
                 "offset": offset,
                 "length": length,
+                **({"vector_length": vector_length} if self.statistics else {}),
                 "contributors": [self.members[i] for i in contributors],
+                "bytes_received": {c: self.links[c].bytes_received - before[c] for c in self.members},
                 "aggregate_s": t2 - t1,
                 "selection_s": time.perf_counter() - t2,
+                **extra,
                 **self.aggregator.round_report,
             }
         )
+
+    def _select_statistics(
+        self, rnd: int, sums: np.ndarray, slots: tuple[LayerSlot, ...], contributors: int
+    ) -> dict:
+        """The statistics strategy's server step: decode and check the pooled statistics of the
+        round's block, select its masks with the server's weights (the block loaded for this,
+        and written pruned when the model is saved); the final mask goes into ``self.final``.
+
+        Masking hides the inputs: the decoded sums are the only place a malformed vector shows.
+        """
+        from fedprune.statistics import decode_block
+
+        block = slots[0].block
+        block_layout = self.block_layouts[block]
+        try:
+            pooled = decode_block(
+                np.asarray(sums, dtype=np.uint64),
+                block_layout,
+                self.statistics.codec(block_layout),
+                contributors,
+            )
+        except StatisticsError as exc:
+            raise FederationAborted(f"round {rnd} aborted: {exc}") from exc
+        bound = contributors * self.statistics.max_tokens_per_client
+        if pooled.tokens > bound:  # the codec allows every member; only the contributors sent
+            raise FederationAborted(
+                f"round {rnd} aborted: the pooled token count {pooled.tokens} exceeds {contributors} "
+                f"contributors x {self.statistics.max_tokens_per_client}; no honest clients send this"
+            )
+        self.blocks.load(block)
+        masks = server_block_masks(self.lm.model, block, pooled, self.prune_cfg)
+        for slot in slots:
+            self.final.set(slot.offset, masks[slot.name].cpu().numpy())
+        del masks
+        self.blocks.release(block)
+        return {"tokens": pooled.tokens, "clamped_elements": pooled.clamped}
 
     def _select(
         self,
@@ -488,13 +587,35 @@ class Coordinator(pb_grpc.FederationServicer):
         self.log(f"rejected ({kind}): {detail}")
 
     # ---- the report ------------------------------------------------------------------
+    def _traffic(self) -> dict:
+        """Bytes per client: measured (per round and in total) and the layout's expected bytes
+        for this strategy next to one-shot voting, plain and secure (nodes.traffic)."""
+        m = len(self.members)
+        strategies = [self.cfg.strategy] + (["one-shot"] if self.cfg.strategy != "one-shot" else [])
+        neighbours = self.cfg.neighbours or None
+        return {
+            "bytes_received_per_client_per_round": {
+                c: [r["bytes_received"][c] for r in self.rounds] for c in self.members
+            },
+            "bytes_received_per_client": {c: self.links[c].bytes_received for c in self.members},
+            "bytes_received_total": sum(self.links[c].bytes_received for c in self.members),
+            "expected": [
+                traffic(self.layout, s, secure, m, neighbours=neighbours)
+                for s in strategies
+                for secure in (False, True)
+            ],
+        }
+
     def _evaluate(self, blocks) -> dict[str, float]:
         cfg = self.cfg
         return perplexities(self.lm, cfg.eval_sources, cfg.eval_seqlen, cfg.eval_windows, blocks)
 
     def _report(self, eval_before) -> dict:
         report = {
-            "config": {k: v for k, v in asdict(self.cfg).items() if k != "roster"},
+            "config": {
+                **{k: v for k, v in asdict(self.cfg).items() if k != "roster"},
+                "group": self.cfg.comparison_group,
+            },
             "members": self.members,
             "fingerprint": self.fingerprint.hex(),
             **mask_summary(self.final, self.layout),
@@ -505,6 +626,9 @@ class Coordinator(pb_grpc.FederationServicer):
             "timings": self.timings,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
+        report["traffic"] = self._traffic()
+        if self.statistics:
+            report["statistics"] = self.statistics.report(self.block_layouts)
         if eval_before is not None:
             report["perplexity_before"] = eval_before
             report["perplexity_after"] = self._evaluate(MaskedBlocks(self.lm, self.layout, self.final))

@@ -21,9 +21,11 @@ from fedprune.data import EMBEDDED_CORPUS, load_text
 from fedprune.models import resolve_spec
 
 from .audit import audit
-from .errors import DemoError
+from .config import ServerConfig
+from .errors import DemoError, NodeConfigError
 from .files import check_output_dir
 from .identity import make_certificates, write_identity
+from .traffic import human_bytes
 
 
 def _pump(proc: subprocess.Popen, prefix: str, found: dict, echo: bool) -> None:
@@ -148,6 +150,27 @@ def start_federation(
     return server, procs, port, logs
 
 
+def _traffic_line(mode: str, report: dict) -> str:
+    """Bytes each client sent, next to what one-shot voting would send (nodes.traffic)."""
+    t = report.get("traffic", {})
+    per_round = [max(r["bytes_received"].values()) for r in report["rounds"]]
+    one_shot = next(
+        (e for e in t.get("expected", []) if e["strategy"] == "one-shot" and e["mode"] == mode), None
+    )
+    line = (
+        f"{mode} {report['config']['strategy']}: {len(per_round)} round(s), at most "
+        f"{human_bytes(max(per_round))} per client per round, "
+        f"{human_bytes(max(t.get('bytes_received_per_client', {0: 0}).values()))} per client in all"
+    )
+    if one_shot is not None and report["config"]["strategy"] != "one-shot":
+        voting = one_shot["upload_per_client"] + one_shot["key_bytes_per_client"]
+        line += f" (one-shot voting would upload {human_bytes(voting)})"
+    dp = report.get("statistics", {}).get("dp")
+    if dp:
+        line += f"; DP (epsilon, delta) = ({dp['epsilon']:g}, {dp['delta']:g}) per client"
+    return line
+
+
 def prepare_workdir(workdir: Path, clients: list[str]) -> None:
     """Identity keys, certificates, and each client's private share of the embedded corpus."""
     (workdir / "keys").mkdir(parents=True, exist_ok=True)
@@ -170,8 +193,35 @@ def check_demo_args(args) -> None:
     if args.nsamples < 1 or args.seqlen < 2 or args.eval_windows < 0:
         raise DemoError("need --nsamples >= 1, --seqlen >= 2 and --eval-windows >= 0")
     prune_config(sparsity=args.sparsity)  # raises PruningConfigError when out of (0, 1)
+    try:
+        _statistics_toml(args)
+    except NodeConfigError as exc:
+        raise DemoError(str(exc).replace("mode = secure", "--mode secure")) from exc
     if args.workdir:
         check_output_dir(args.workdir, "--workdir", create_parents=True)
+
+
+def _statistics_toml(args) -> list[str]:
+    """The server.toml lines of the statistics settings, checked as the server checks them."""
+    lines = [f"seqlen = {args.seqlen}"]
+    for key in ("stats_clip", "dp_epsilon", "dp_delta"):
+        value = getattr(args, key, None)
+        if value is not None:
+            lines.append(f"{key} = {value!r}")
+    dp = getattr(args, "dp_epsilon", None) is not None or getattr(args, "dp_delta", None) is not None
+    if dp and args.mode != "secure":
+        raise NodeConfigError(
+            "differential privacy needs --mode secure (plain aggregation shows each noise share)"
+        )
+    ServerConfig(
+        strategy=args.strategy,
+        mode="secure" if args.mode == "both" else args.mode,
+        seqlen=args.seqlen,
+        stats_clip=getattr(args, "stats_clip", None),
+        dp_epsilon=getattr(args, "dp_epsilon", None),
+        dp_delta=getattr(args, "dp_delta", None),
+    )._check_statistics()
+    return lines
 
 
 def run_demo(args) -> int:
@@ -200,6 +250,7 @@ def run_demo(args) -> int:
             seqlen=args.seqlen,
             sparsity=args.sparsity,
             eval_windows=args.eval_windows,
+            server_toml=_statistics_toml(args),
         )
         codes = {c: p.wait() for c, p in procs.items()}
         server_code = server.wait()
@@ -227,20 +278,23 @@ def run_demo(args) -> int:
     for mode, r, wall, verdict in rows:
         ppl_b = next(iter(r.get("perplexity_before", {"-": float("nan")}).values()))
         ppl_a = next(iter(r.get("perplexity_after", {"-": float("nan")}).values()))
+        what = "statistics" if args.strategy == "statistics" else "mask"
         audit_text = (
             (
                 "PASS: server saw only uniform masked vectors"
                 if mode == "secure"
-                else "PASS: chain intact; every client's mask VISIBLE"
+                else f"PASS: chain intact; every client's {what} VISIBLE"
             )
             if verdict
             else "FAIL"
         )
         print(
-            f"| {mode} | {r['final_mask_sha256'][:16]}… | {sum(r['bytes_received'].values()) / 1e6:.1f} MB | "
+            f"| {mode} | {r['final_mask_sha256'][:16]}… | {human_bytes(sum(r['bytes_received'].values()))} | "
             f"{r['timings'].get('key_agreement', 0):.2f} | {r['timings']['federation']:.1f} | {wall:.1f} | "
             f"{r['sparsity']:.3f} | {ppl_b:.2f} | {ppl_a:.2f} | {audit_text} |"
         )
+    for mode, r, _, _ in rows:
+        print(_traffic_line(mode, r))
     if len(rows) == 2:
         same = rows[0][1]["final_mask_sha256"] == rows[1][1]["final_mask_sha256"]
         print(f"\nplain and secure final masks are {'IDENTICAL' if same else 'DIFFERENT'}")

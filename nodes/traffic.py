@@ -130,7 +130,7 @@ def markdown(rows: Sequence[dict]) -> str:
     lines = [header, "|---|---|---|---|---|---|---|"]
     for r in rows:
         cells = [r["strategy"], r["mode"], str(r["rounds"])] + [
-            _size(r[k])
+            human_bytes(r[k])
             for k in (
                 "upload_per_client_per_round_max",
                 "upload_per_client",
@@ -142,7 +142,7 @@ def markdown(rows: Sequence[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _size(n: int) -> str:
+def human_bytes(n: int) -> str:
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if n >= scale:
             return f"{n / scale:.2f} {unit}"

@@ -92,6 +92,21 @@ class ExtraVotes(ClientHooks):
         return doubled
 
 
+class HugeStatistics(ClientHooks):
+    """A malicious statistics client: channel 0 of every block claims 2^62 (fixed point), far
+    above what its token count and the clip allow. SecAgg's ring inputs let it through; only
+    the server's check of the decoded sum can catch it."""
+
+    def round_input(self, rnd, values):
+        def huge(offset, count):
+            chunk = np.array(values(offset, count), dtype=np.uint64)
+            if offset == 0 and count:
+                chunk[0] = np.uint64(2**62)
+            return chunk
+
+        return huge
+
+
 class CorruptUnmaskShares(ClientHooks):
     """Flips one byte of every share it reveals (a faulty or malicious share holder)."""
 
@@ -111,6 +126,7 @@ FAULTS = {
     "exit-mid-upload": ExitMidUpload,
     "extra-votes": ExtraVotes,
     "corrupt-unmask-shares": CorruptUnmaskShares,
+    "huge-statistics": HugeStatistics,
 }
 
 

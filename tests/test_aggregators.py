@@ -183,3 +183,37 @@ def test_plain_round_with_too_few_complete_vectors_aborts():
         fed.send(cid, round_start=pb.RoundStart(round=0, offset=0, length=500))
     with pytest.raises(FederationAborted, match="only 1 complete masks, at least 2 needed"):
         agg.aggregate(0, 500)
+
+
+@pytest.mark.parametrize("secure", [False, True])
+def test_64_bit_ring_inputs_sum_modulo_2_64(secure, tmp_path):
+    """The statistics strategy's lanes: any uint64 (two's-complement fixed point), summed
+    modulo 2^64 in plain mode as under SecAgg, over several chunks and a short last one."""
+    rng = np.random.default_rng(1)
+    length = 2 * CHUNK + 77
+    vectors = {c: [rng.integers(0, 2**64, length, dtype=np.uint64, endpoint=False)] for c in "abc"}
+    vectors["a"][0][:3] = [2**64 - 1, 2**63, 5]  # wraps: -1 + ... and the sign bit
+    fed, roster = _world(vectors, 64, 2**64 - 1, secure)
+    if secure:
+        agg = SecureAggregator(
+            fed,
+            session_id=SESSION,
+            roster=roster,
+            threshold=2,
+            lane_bits=64,
+            chunk_elems=CHUNK,
+            neighbours=None,
+            work_dir=tmp_path,
+            input_bound=2**64 - 1,
+            values="statistics",
+        )
+    else:
+        agg = PlainAggregator(fed, lane_bits=64, chunk_elems=CHUNK, min_clients=2)
+    for cid in fed.alive():
+        fed.send(cid, round_start=pb.RoundStart(round=0, offset=0, length=length))
+    sums, contributors = agg.aggregate(0, length)
+    expected = vectors["a"][0].copy()
+    for c in "bc":
+        np.add(expected, vectors[c][0], out=expected)
+    assert contributors == [0, 1, 2] and sums.dtype == np.uint64
+    assert np.array_equal(sums, expected)

@@ -313,7 +313,48 @@ def _client_bad_identity(d, ctx):
     return args
 
 
+def _server_statistics(*lines, flags=(), strategy="statistics"):
+    def setup(d, ctx):
+        toml = _server_toml(d, ctx["model"], "insecure = true", f'strategy = "{strategy}"', *lines)
+        return ["server", "--config", toml, *flags]
+
+    return setup
+
+
+def _demo_dp_both_modes(d, ctx):
+    return [
+        "demo",
+        "--strategy",
+        "statistics",
+        "--dp-epsilon",
+        "8",
+        "--dp-delta",
+        "1e-5",
+        "--stats-clip",
+        "100",
+        "--workdir",
+        str(d / "demo"),
+        "--model",
+        str(ctx["model"]),
+    ]
+
+
 IN_PROCESS_CASES: dict[str, Setup] = {
+    "server statistics, DP with mode plain": _server_statistics(
+        'mode = "plain"', "stats_clip = 100.0", flags=("--dp-epsilon", "8", "--dp-delta", "1e-5")
+    ),
+    "server statistics --dp-epsilon 0": _server_statistics(
+        "stats_clip = 100.0", flags=("--dp-epsilon", "0", "--dp-delta", "1e-5")
+    ),
+    "server statistics dp_delta = 1": _server_statistics(
+        "stats_clip = 100.0", "dp_epsilon = 8.0", "dp_delta = 1.0"
+    ),
+    "server statistics --stats-clip 0": _server_statistics(flags=("--stats-clip", "0")),
+    "server statistics DP without a clip": _server_statistics("dp_epsilon = 8.0", "dp_delta = 1e-5"),
+    "server one-shot --dp-epsilon 8": _server_statistics(
+        flags=("--dp-epsilon", "8", "--dp-delta", "1e-5"), strategy="one-shot"
+    ),
+    "demo --strategy statistics --dp-epsilon (mode both)": _demo_dp_both_modes,
     "simulate --model <dir with broken config.json>": _broken_config,
     "certs --out <file>": _certs_out_is_file,
     "certs org/1": _certs_id_with_slash,

@@ -21,8 +21,11 @@ CLIENTS = ["a", "b", "c"]
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
+    return make_world(tmp_path_factory.mktemp("federation"))
+
+
+def make_world(root):
     """Keys and certificates for a, b, c (+ a stranger 'x'), private texts, a tiny model."""
-    root = tmp_path_factory.mktemp("federation")
     (root / "keys").mkdir()
     for c in CLIENTS + ["x"]:
         write_identity(root / "keys", c)
