@@ -117,7 +117,8 @@ class Aggregator(ABC):
         return sums.values(0, length), contributors
 
     def close(self) -> None:  # noqa: B027 (optional: most aggregators hold nothing)
-        """Release what the aggregator holds on disk (called once, after the last round)."""
+        """Release what the aggregator still holds, in memory or on disk (after the last round;
+        calling it again does nothing)."""
 
 
 def _check_lane_bits(bits: int) -> None:
@@ -217,6 +218,7 @@ class SecureAggregator(Aggregator):
             neighbours=neighbours,
             input_bound=input_bound,
         )
+        self._roster = roster
         self.session = ServerSession(self.config, roster, buffer_factory=self._sum_buffer)
         self._spill: Path | None = None
 
@@ -341,5 +343,7 @@ class SecureAggregator(Aggregator):
         return np.memmap(path, dtype=np.uint8, mode="w+", shape=(nbytes,))
 
     def close(self) -> None:
+        # The session keeps the last round's running sum until another round begins.
+        self.session = ServerSession(self.config, self._roster, buffer_factory=self._sum_buffer)
         if self._spill is not None:
             self._spill.unlink(missing_ok=True)

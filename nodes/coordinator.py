@@ -266,6 +266,7 @@ class Coordinator(pb_grpc.FederationServicer):
         for rnd, (offset, length, slots) in enumerate(ranges):
             self._round(rnd, offset, length, slots, salts)
             self.log(f"round {rnd + 1}/{len(ranges)} done")
+        self.aggregator.close()  # the last round's sum is no longer needed
         if self.writer is not None or self.cfg.eval_sources:
             load_resident(self.lm)
         if self.writer is not None:
