@@ -237,13 +237,17 @@ def run_federation(model: Path, text: Path, clients: int, args) -> dict:
 
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [
-        f"{meta['shape']} shape, {meta['dtype']}, {meta['device']} ({meta['cpu']}, {meta['threads']} threads)\n",
-        "| run | windows x tokens | wall (s) | peak RSS (GiB) | peak GPU (GiB) | prune (s) "
-        "| selection (s) | selection / wall |",
-        "|---|---|---|---|---|---|---|---|",
+        f"{meta['shape']} shape, {meta['dtype']}, {meta['device']} ({meta['cpu']}, {meta['threads']} threads)"
     ]
     federations = [r for r in rows if r["strategy"] == "federation"]
     rows = [r for r in rows if r["strategy"] != "federation"]
+    if rows:
+        lines += [
+            "",
+            "| run | windows x tokens | wall (s) | peak RSS (GiB) | peak GPU (GiB) | prune (s) "
+            "| selection (s) | selection / wall |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
     for r in rows:
         gpu = f"{r['peak_gpu_bytes'] / 2**30:.2f}" if r["peak_gpu_bytes"] else "-"
         lines.append(
