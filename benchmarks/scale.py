@@ -1,14 +1,20 @@
-"""Benchmark: `fedprune simulate` on large LLaMA shapes with random weights (no download).
+"""Benchmark: `fedprune simulate` and a real federation on large LLaMA shapes with random
+weights (no download).
 
     python benchmarks/scale.py --shape 1.1b --dtype bfloat16 --device cpu \\
         --runs centralized:2,one-shot:2,one-shot:16,one-shot:64 --out benchmarks/results
+    python benchmarks/scale.py --shape 1.1b --runs federation:2 --nsamples 2 --seqlen 64
 
 Builds the model from a transformers config class with random weights and saves it
 as safetensors under --models (once; 2.2 GB for 1.1B in bf16, 13.5 GB for 7B), with
 a byte-level tokenizer and a synthetic text. Each run is one `fedprune simulate`
 subprocess; reported: wall time, the process's peak resident memory (from
 ``os.wait4``), peak GPU memory on CUDA, and the share of pruning time spent in
-selection. Prints a Markdown table and writes scale.md / scale.json atomically.
+selection. A ``federation:N`` run is a secure one-shot federation on loopback with
+real processes (``fedprune server`` and N ``fedprune client``, mutual TLS, as
+``fedprune demo`` starts them), each client with ``--nsamples`` windows of its own;
+reported: wall time and peak resident memory of every process (``os.wait4``).
+Prints a Markdown table and writes scale.md / scale.json atomically.
 """
 
 from __future__ import annotations
@@ -30,6 +36,16 @@ SHAPES = {
         hidden_size=2048,
         intermediate_size=5632,
         num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=32000,
+    ),
+    # TinyLlama-1.1B's layer shapes, 4 of its 22 decoder blocks (a before/after comparison
+    # of the federation that fits this box when the processes still hold whole models)
+    "1.1b-4blocks": dict(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=4,
         num_attention_heads=32,
         num_key_value_heads=4,
         vocab_size=32000,
@@ -148,13 +164,90 @@ def run_simulate(model: Path, text: Path, strategy: str, clients: int, args) -> 
     }
 
 
+def run_federation(model: Path, text: Path, clients: int, args) -> dict:
+    """A secure one-shot federation of ``clients`` real client processes and a server."""
+    import threading
+
+    from nodes.demo import start_federation
+    from nodes.identity import make_certificates, write_identity
+
+    names = [f"org-{i + 1}" for i in range(clients)]
+    with tempfile.TemporaryDirectory(prefix="scale-federation-") as tmp:
+        work = Path(tmp)
+        (work / "keys").mkdir()
+        for c in names:
+            write_identity(work / "keys", c)
+        make_certificates(work / "certs", names)
+        (work / "data").mkdir()
+        words = text.read_text().split()
+        per = len(words) // clients
+        for i, c in enumerate(names):  # disjoint private texts
+            (work / "data" / f"{c}.txt").write_text(" ".join(words[i * per : (i + 1) * per]))
+        node = ["--dtype", args.dtype, "--device", args.device, "--batch-size", str(args.batch_size)]
+        start = time.perf_counter()
+        server, procs, _, logs = start_federation(
+            work,
+            mode="secure",
+            strategy="one-shot",
+            clients=names,
+            model=str(model),
+            nsamples=args.nsamples,
+            seqlen=args.seqlen,
+            sparsity=0.5,
+            eval_windows=args.eval_windows,
+            echo=False,
+            client_args={c: node for c in names},
+            server_toml=[f'dtype = "{args.dtype}"', f'device = "{args.device}"'],
+            round_deadline_s=7200.0,
+        )
+        processes = {"server": server, **procs}
+        results: dict[str, tuple[int, float, int]] = {}
+
+        def reap(name: str, proc) -> None:  # wait4: the exact peak RSS of that one child
+            _, status, usage = os.wait4(proc.pid, 0)
+            results[name] = (os.waitstatus_to_exitcode(status), time.perf_counter() - start, usage.ru_maxrss)
+
+        threads = [threading.Thread(target=reap, args=item) for item in processes.items()]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        failed = {n: r[0] for n, r in results.items() if r[0] != 0}
+        if failed:
+            tail = {n: logs.get(n, {}).get("lines", [])[-3:] for n in failed}
+            raise SystemExit(f"federation failed {failed}: {tail}")
+        report = json.loads((work / "secure" / "out" / "report.json").read_text())
+    return {
+        "strategy": "federation",
+        "clients": clients,
+        "nsamples": args.nsamples,
+        "seqlen": args.seqlen,
+        "wall_s": max(r[1] for r in results.values()),
+        "processes": {
+            n: {"wall_s": wall, "peak_rss_bytes": kib * 1024} for n, (_, wall, kib) in results.items()
+        },
+        "peak_rss_bytes": results["server"][2] * 1024,
+        "federation_s": report["timings"]["federation"],
+        "load_s": report["timings"]["load_model"],
+        "sparsity": report["sparsity"],
+        "perplexity_before": report.get("perplexity_before"),
+        "perplexity_after": report.get("perplexity_after"),
+    }
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [
-        f"{meta['shape']} shape, {meta['dtype']}, {meta['device']} ({meta['cpu']}, {meta['threads']} threads)\n",
-        "| run | windows x tokens | wall (s) | peak RSS (GiB) | peak GPU (GiB) | prune (s) "
-        "| selection (s) | selection / wall |",
-        "|---|---|---|---|---|---|---|---|",
+        f"{meta['shape']} shape, {meta['dtype']}, {meta['device']} ({meta['cpu']}, {meta['threads']} threads)"
     ]
+    federations = [r for r in rows if r["strategy"] == "federation"]
+    rows = [r for r in rows if r["strategy"] != "federation"]
+    if rows:
+        lines += [
+            "",
+            "| run | windows x tokens | wall (s) | peak RSS (GiB) | peak GPU (GiB) | prune (s) "
+            "| selection (s) | selection / wall |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
     for r in rows:
         gpu = f"{r['peak_gpu_bytes'] / 2**30:.2f}" if r["peak_gpu_bytes"] else "-"
         lines.append(
@@ -162,6 +255,19 @@ def markdown(rows: list[dict], meta: dict) -> str:
             f"| {r['peak_rss_bytes'] / 2**30:.2f} | {gpu} | {r['prune_s']:.1f} | {r['selection_s']:.1f} "
             f"| {r['selection_share_of_wall']:.1%} |"
         )
+    if federations:
+        lines += [
+            "",
+            "| federation (secure, one-shot) | windows x tokens per client | wall (s) | process "
+            "| process wall (s) | peak RSS (GiB) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in federations:
+            for name, p in r["processes"].items():
+                lines.append(
+                    f"| {r['clients']} clients | {r['nsamples']} x {r['seqlen']} | {r['wall_s']:.1f} "
+                    f"| {name} | {p['wall_s']:.1f} | {p['peak_rss_bytes'] / 2**30:.2f} |"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -178,7 +284,12 @@ def main() -> int:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--models", default="/tmp/scale-models", help="where the random models are kept")
     p.add_argument("--runs", default="centralized:2,one-shot:2,one-shot:16,one-shot:64")
-    p.add_argument("--nsamples", type=int, default=4, help="calibration windows (at least one per client)")
+    p.add_argument(
+        "--nsamples",
+        type=int,
+        default=4,
+        help="calibration windows (simulate: in all, at least one per client; federation: per client)",
+    )
     p.add_argument("--seqlen", type=int, default=128)
     p.add_argument("--eval-windows", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=4)
@@ -190,7 +301,10 @@ def main() -> int:
     text = synthetic_text(root)
     if args.one:  # in its own process, so that RUSAGE_CHILDREN is this run's child alone
         strategy, clients = args.one.split(":")
-        print(json.dumps(run_simulate(model, text, strategy, int(clients), args)))
+        if strategy == "federation":
+            print(json.dumps(run_federation(model, text, int(clients), args)))
+        else:
+            print(json.dumps(run_simulate(model, text, strategy, int(clients), args)))
         return 0
     import torch
 

@@ -19,7 +19,7 @@ clients' masks to the vote counts. The default is the in-process sum.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -132,6 +132,28 @@ class ClientPruner:
         self.hidden = self.runner.forward(index, self.hidden, short)
 
 
+def local_block_masks(
+    model: nn.Module,
+    windows: torch.Tensor,
+    config: PruneConfig,
+    *,
+    blocks: BlockSource = RESIDENT,
+) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """A one-shot client's masks, block by block: ``(i, block i's masks)``.
+
+    Wanda through the client's own pruned blocks: each block is loaded, its masks
+    computed, the activations propagated through it with them applied, and the block
+    released before its masks are yielded. The model's weights are left unchanged.
+    """
+    pruner = ClientPruner(model, windows, config)
+    for i in range(len(pruner.blocks)):
+        blocks.load(i)
+        block_masks = pruner.local_masks(i)
+        pruner.advance(i, block_masks)
+        blocks.release(i)
+        yield i, block_masks
+
+
 def local_pruning_masks(
     model: nn.Module,
     windows: torch.Tensor,
@@ -141,18 +163,16 @@ def local_pruning_masks(
     on_block: Callable[[int], None] | None = None,
     blocks: BlockSource = RESIDENT,
 ) -> dict[str, torch.Tensor]:
-    """A one-shot client's masks: Wanda block by block through its own pruned blocks.
+    """All of a one-shot client's masks (see :func:`local_block_masks`).
 
-    The model's weights are left unchanged. ``on_block(done)`` is called after each
-    block; ``blocks`` loads and releases each block (a streamed model).
+    ``on_block(done)`` is called after each block; ``blocks`` loads and releases
+    each block (a streamed model).
     """
-    pruner = ClientPruner(model, windows, config)
     masks: dict[str, torch.Tensor] = {}
-    for i in tqdm(range(len(pruner.blocks)), desc="local pruning", unit="block", disable=not progress):
-        blocks.load(i)
-        block_masks = pruner.local_masks(i)
-        pruner.advance(i, block_masks)
-        blocks.release(i)
+    steps = local_block_masks(model, windows, config, blocks=blocks)
+    num_blocks = len(decoder_blocks(model))
+    steps = tqdm(steps, total=num_blocks, desc="local pruning", unit="block", disable=not progress)
+    for i, block_masks in steps:
         masks.update(block_masks)
         if on_block is not None:
             on_block(i + 1)

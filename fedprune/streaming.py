@@ -176,6 +176,34 @@ class StreamedModel:
             out[name] = p.data
         return out
 
+    def _resident_names(self) -> dict[str, str]:
+        """Parameter name -> checkpoint key of everything outside the blocks (a tied head left out)."""
+        path = blocks_path(self.model) + "."
+        tied = bool(getattr(self.model.config, "tie_word_embeddings", False))
+        return {
+            n: _checkpoint_key(n, self.checkpoint, self._prefix)
+            for n, _ in self.model.named_parameters(remove_duplicate=False)
+            if not n.startswith(path) and not (tied and n == "lm_head.weight")
+        }
+
+    def load_resident(self) -> None:
+        """Materialize the embeddings, the final norm and ``lm_head`` (``load_streamed`` does)."""
+        names = self._resident_names()
+        tensors = self.checkpoint.read(names.values())
+        for name, key in names.items():
+            _set_param(self.model, name, tensors.pop(key).to(device=self.device, dtype=self.dtype))
+        if getattr(self.model.config, "tie_word_embeddings", False):
+            self.model.lm_head.weight = self.model.get_input_embeddings().weight
+
+    def free_resident(self) -> None:
+        """Turn the parameters outside the blocks back into meta tensors, for a stretch of
+        work that needs the blocks alone (a server selecting, a client with its activations)."""
+        for name in self._resident_names():
+            param = self.model.get_parameter(name)
+            _set_param(self.model, name, torch.empty_like(param, device="meta"))
+        if getattr(self.model.config, "tie_word_embeddings", False):
+            self.model.lm_head.weight = self.model.get_input_embeddings().weight
+
     def blocks(
         self,
         checkpoint: SafetensorsCheckpoint | None = None,
@@ -265,18 +293,7 @@ def load_streamed(spec: str, dtype: str = "float32", device: str = "cpu") -> Str
         DTYPES[dtype],
         getattr(model, "base_model_prefix", ""),
     )
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    path = blocks_path(model) + "."
-    names = {
-        n: _checkpoint_key(n, sm.checkpoint, sm._prefix)
-        for n, _ in model.named_parameters()
-        if not n.startswith(path) and not (tied and n == "lm_head.weight")
-    }
-    tensors = sm.checkpoint.read(names.values())
-    for name, key in names.items():
-        _set_param(model, name, tensors.pop(key).to(device=dev, dtype=DTYPES[dtype]))
-    if tied:
-        model.lm_head.weight = model.get_input_embeddings().weight
+    sm.load_resident()
     sm.load_block(0)
     try:
         check_coverage(model, blocks=[decoder_blocks(model)[0]])  # all blocks alike

@@ -1,9 +1,11 @@
 """Aggregators: one round's sum of the clients' vectors, in the clear or under SecAgg.
 
 The coordinator opens a round (``RoundStart``) and asks its aggregator for
-``aggregate(round, length) -> (sums, contributors)``: the element-wise sum of
-the ``length``-element vectors the clients send in that round, and the
-indices of the clients whose vectors it holds. Each aggregator owns its
+``sum_round(round, length) -> (sums, contributors)``: the element-wise sum of
+the ``length``-element vectors the clients send in that round, kept packed
+(``RoundSums``: read one range, such as one layer, at a time), and the
+indices of the clients whose vectors it holds; ``aggregate`` is the same with
+the whole sum unpacked (for short vectors). Each aggregator owns its
 round's exchange with the clients, through the small ``Federation``
 interface the coordinator lends it (members, send, collect under the round
 deadline, log). It knows nothing about what the vectors mean: the lane width
@@ -25,7 +27,7 @@ import numpy as np
 from secagg import ServerSession, SessionConfig
 from secagg.errors import SecAggError
 from secagg.messages import ConsistencySignature, MaskedChunk
-from secagg.ring import LANE_BITS, packed_nbytes, unpack
+from secagg.ring import LANE_BITS, packed_nbytes, unpack_range
 
 from .errors import FederationAborted, ProtocolViolation
 from .staging import ChunkStaging
@@ -60,6 +62,40 @@ class Federation(Protocol):
         """Note in the audit's session.json what the server decoded in round ``rnd``."""
 
 
+class RoundSums(Protocol):
+    """One round's element-wise sum, still packed; unpacked one range at a time."""
+
+    length: int
+
+    def values(self, start: int, count: int) -> np.ndarray:
+        """Elements ``[start, start + count)`` of the sum."""
+
+
+class LaneSums:
+    """Sums held as packed lanes of ``bits`` bits (SecAgg's unmasked running sum)."""
+
+    def __init__(self, packed: np.ndarray, bits: int, length: int) -> None:
+        self.packed, self.bits, self.length = packed, bits, length
+
+    def values(self, start: int, count: int) -> np.ndarray:
+        return unpack_range(self.packed, self.bits, start, count)
+
+
+class VectorSums:
+    """Sums of the clients' packed vectors, added up range by range (plain mode). Up to
+    16-bit lanes the sums are counts (int32); wider lanes carry ring elements, summed
+    modulo 2^bits as under SecAgg."""
+
+    def __init__(self, vectors: list[np.ndarray], bits: int, length: int) -> None:
+        self.vectors, self.bits, self.length = vectors, bits, length
+
+    def values(self, start: int, count: int) -> np.ndarray:
+        out = np.zeros(count, dtype=np.int32 if self.bits <= 16 else np.dtype(f"uint{self.bits}"))
+        for vector in self.vectors:
+            np.add(out, unpack_range(vector, self.bits, start, count), out=out, casting="unsafe")
+        return out
+
+
 class Aggregator(ABC):
     """One round's sum of the members' vectors; ``round_report`` holds that round's extra facts."""
 
@@ -68,14 +104,21 @@ class Aggregator(ABC):
         self.round_report: dict = {}
 
     @abstractmethod
-    def aggregate(self, rnd: int, length: int) -> tuple[np.ndarray, list[int]]:
-        """The sum of round ``rnd``'s ``length``-element vectors and its contributors' indices.
+    def sum_round(self, rnd: int, length: int) -> tuple[RoundSums, list[int]]:
+        """The sum of round ``rnd``'s ``length``-element vectors (packed) and its contributors'
+        indices.
 
         Raises ``FederationAborted`` when the round cannot produce a sum.
         """
 
+    def aggregate(self, rnd: int, length: int) -> tuple[np.ndarray, list[int]]:
+        """As :meth:`sum_round`, with the whole sum unpacked."""
+        sums, contributors = self.sum_round(rnd, length)
+        return sums.values(0, length), contributors
+
     def close(self) -> None:  # noqa: B027 (optional: most aggregators hold nothing)
-        """Release what the aggregator holds on disk (called once, after the last round)."""
+        """Release what the aggregator still holds, in memory or on disk (after the last round;
+        calling it again does nothing)."""
 
 
 def _check_lane_bits(bits: int) -> None:
@@ -96,7 +139,7 @@ class PlainAggregator(Aggregator):
         self.chunk_elems = chunk_elems  # a multiple of 128, so chunks start on whole bytes
         self.min_clients = min_clients
 
-    def aggregate(self, rnd: int, length: int) -> tuple[np.ndarray, list[int]]:
+    def sum_round(self, rnd: int, length: int) -> tuple[RoundSums, list[int]]:
         fed, bits, chunk = self.federation, self.lane_bits, self.chunk_elems
         buffers: dict[str, np.ndarray] = {}  # packed, as received
         seen: dict[str, set[int]] = {}
@@ -118,7 +161,9 @@ class PlainAggregator(Aggregator):
             if c.offset in seen.setdefault(cid, set()):
                 raise ProtocolViolation(f"duplicate chunk at offset {c.offset}")
             seen[cid].add(c.offset)
-            buf = buffers.setdefault(cid, np.zeros(packed_nbytes(length, bits), dtype=np.uint8))
+            buf = buffers.get(cid)
+            if buf is None:
+                buf = buffers[cid] = np.zeros(packed_nbytes(length, bits), dtype=np.uint8)
             start = c.offset * bits // 8
             buf[start : start + len(c.data)] = np.frombuffer(c.data, dtype=np.uint8)
             return False
@@ -128,18 +173,9 @@ class PlainAggregator(Aggregator):
             raise FederationAborted(
                 f"round {rnd}: only {len(done)} complete masks, at least {self.min_clients} needed"
             )
-        # Votes: small counts in int32. Wide lanes carry ring elements: their sum is modulo
-        # 2^b, as under SecAgg (uint32/uint64 arithmetic wraps), and the caller decodes it.
-        sums = np.zeros(length, dtype=np.int32 if bits <= 16 else np.dtype(f"uint{bits}"))
-        for cid in done:
-            np.add(sums, _unpack(buffers.pop(cid), bits, length), out=sums, casting="unsafe")
-        return sums, sorted(fed.index[c] for c in done)
-
-
-def _unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
-    if bits == 1:  # the common case (votes), numpy's own bit unpacking
-        return np.unpackbits(packed, bitorder="little", count=count)
-    return unpack(packed, bits, count)
+        contributors = sorted(done, key=fed.index.__getitem__)
+        sums = VectorSums([buffers.pop(cid) for cid in contributors], bits, length)
+        return sums, [fed.index[c] for c in contributors]
 
 
 class SecureAggregator(Aggregator):
@@ -182,10 +218,11 @@ class SecureAggregator(Aggregator):
             neighbours=neighbours,
             input_bound=input_bound,
         )
+        self._roster = roster
         self.session = ServerSession(self.config, roster, buffer_factory=self._sum_buffer)
         self._spill: Path | None = None
 
-    def aggregate(self, rnd: int, length: int) -> tuple[np.ndarray, list[int]]:
+    def sum_round(self, rnd: int, length: int) -> tuple[RoundSums, list[int]]:
         fed, sa, sid = self.federation, self.session, self.session_id
         member = fed.members  # index -> client id
         times = {}
@@ -247,7 +284,7 @@ class SecureAggregator(Aggregator):
 
             fed.collect(set(signers), on_unmask, f"round {rnd} unmasking shares")
             fed.log(f"round {rnd}: unmasking")
-            sums = sa.finish()
+            sums = LaneSums(sa.finish_packed(), self.config.lane_bits, length)
         except SecAggError as exc:
             raise FederationAborted(f"round {rnd} aborted: {exc}") from exc
         dropped = [member[i] for i in sa.dropped]
@@ -306,5 +343,7 @@ class SecureAggregator(Aggregator):
         return np.memmap(path, dtype=np.uint8, mode="w+", shape=(nbytes,))
 
     def close(self) -> None:
+        # The session keeps the last round's running sum until another round begins.
+        self.session = ServerSession(self.config, self._roster, buffer_factory=self._sum_buffer)
         if self._spill is not None:
             self._spill.unlink(missing_ok=True)

@@ -5,11 +5,15 @@ Wanda masks with fedprune (or, for the statistics strategy, its per-channel
 input statistics block by block: nodes.statistics_rounds), runs the secagg
 client over the gRPC stream, applies the final mask it receives, and can save
 its pruned model.
+
+The model is never whole in memory (nodes.model): each pass loads one decoder
+block at a time. Votes are bit-packed as soon as a block's masks exist, and
+fed to the upload (plain, or SecAgg's masking) one chunk at a time; the final
+mask is kept bit-packed (nodes.masks).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import queue
 import threading
@@ -20,14 +24,14 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-import torch
 
 from fedprune.assets import cache_dir
 from fedprune.data import load_text, sample_windows, tokenize
 from fedprune.errors import FedPruneError
-from fedprune.models import fingerprint, layout, load_model, prunable_weights
-from fedprune.strategies import ClientPruner, local_pruning_masks
+from fedprune.models import layout
+from fedprune.strategies import ClientPruner, local_block_masks
 from secagg import ClientSession, SessionConfig
+from secagg.client import ChunkSource
 from secagg.errors import SecAggError
 from secagg.keys import sign, verify
 from secagg.ring import pack
@@ -35,8 +39,18 @@ from secagg.ring import pack
 from .admission import PROTOCOL_VERSION, hello_message
 from .audit import receipt_message
 from .errors import ClientFailed
-from .files import atomic_write_dir, atomic_write_text
+from .files import StagedDir, atomic_write_text
 from .identity import load_identity
+from .masks import PackedMask
+from .model import (
+    apply_final_mask,
+    block_source,
+    free_resident,
+    load_node_model,
+    load_resident,
+    model_fingerprint,
+    pruned_writer,
+)
 from .statistics_rounds import INPUT_BOUND, LANE_BITS, StatisticsClient, StatisticsParameters
 from .wire import convert
 from .wire import federation_pb2 as pb
@@ -84,9 +98,9 @@ def _channel(cfg: ClientConfig) -> grpc.Channel:
 
 def run_client(cfg: ClientConfig, log=print, hooks: ClientHooks | None = None) -> dict:
     identity = load_identity(cfg.identity)
-    lm = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    lm = load_node_model(cfg.model, cfg.dtype, cfg.device, log)  # the skeleton; blocks on demand
     lay = layout(lm.model)
-    fp = bytes.fromhex(fingerprint(lm.model))
+    fp = model_fingerprint(lm)
     text = "\n\n".join(load_text(path, "calibration") for path in cfg.data)
     windows = sample_windows(tokenize(lm.tokenizer, text), cfg.nsamples, cfg.seqlen, cfg.seed)
     log(f"{cfg.client_id}: {len(windows)} private windows of {cfg.seqlen} tokens")
@@ -140,9 +154,10 @@ class ClientHooks:
     in a shipped process reads a fault from its environment.
     """
 
-    def round_vector(self, rnd: int, vector: np.ndarray) -> np.ndarray:
-        """The votes this client is about to send in round ``rnd``."""
-        return vector
+    def round_input(self, rnd: int, values: ChunkSource) -> ChunkSource:
+        """Where the values this client sends in round ``rnd`` come from: ``values(offset,
+        count)`` gives elements ``[offset, offset + count)`` of the round's vector."""
+        return values
 
     def after_shares(self, rnd: int) -> None:
         """Called after this client sent its encrypted key shares for round ``rnd``."""
@@ -173,10 +188,13 @@ class _Session:
         self.sa: ClientSession | None = None
         self.pruner: ClientPruner | None = None
         self.statistics: StatisticsClient | None = None
-        self.vector: np.ndarray | None = None  # one-shot: every layer; iterative: this block
-        self.pending: np.ndarray | None = None  # this round's votes, waiting for the share bundle
-        self.final = np.zeros(lay.total, dtype=bool)
-        self.received: dict[int, list[bytes]] = {}
+        self.votes: PackedMask | None = None  # one-shot: every layer's votes, bit-packed
+        self.pending: ChunkSource | None = None  # this round's votes, waiting for the share bundle
+        self.final = PackedMask(lay.total)
+        self.blocks = block_source(lm)  # the local passes: blocks loaded and freed
+        self.pruned: StagedDir | None = None  # --save-model: the pruned model, block by block
+        self.writer = None
+        self.pruned_blocks = self.blocks  # blocks that are written out pruned when released
         self.ranges: dict[int, tuple[int, int]] = {}
         self.result: dict | None = None
         self.receipts: list[dict] = []
@@ -240,12 +258,19 @@ class _Session:
                 raise ClientFailed(f"refusing the server's secure-aggregation settings: {exc}") from exc
             self.sa = ClientSession(sa_cfg, welcome.index, self.identity, roster)
         self.log(f"{cfg.client_id}: joined as #{welcome.index} ({welcome.mode}, {welcome.strategy})")
+        if cfg.save_model:
+            self.pruned = StagedDir(cfg.save_model)
+            self.writer = pruned_writer(self.lm, self.pruned.path)
+            self.pruned_blocks = block_source(self.lm, on_release=self.writer.write_block)
         t0 = time.perf_counter()
         progress = self._progress("local Wanda masks", lay.num_blocks)
         if welcome.strategy == "one-shot":
-            masks = local_pruning_masks(self.lm.model, self.windows, prune_cfg, on_block=progress)
-            self.vector = _votes(lay, masks)
+            self.votes = PackedMask(lay.total)
+            for block, masks in local_block_masks(self.lm.model, self.windows, prune_cfg, blocks=self.blocks):
+                _pack_votes(self.votes, lay, masks, block)
+                progress(block + 1)
             self.log(f"{cfg.client_id}: local masks ready in {time.perf_counter() - t0:.1f} s")
+            free_resident(self.lm)  # the embeddings are needed again only to save the model
         elif statistics:
             try:
                 self.statistics = StatisticsClient(self.lm.model, self.windows, lay, params, cfg.batch_size)
@@ -253,8 +278,10 @@ class _Session:
                 raise ClientFailed(f"refusing to join: {exc}") from exc
             dp = f", DP epsilon {params.dp_epsilon:g}, delta {params.dp_delta:g}" if params.dp else ""
             self.log(f"{cfg.client_id}: calibration inputs ready in {time.perf_counter() - t0:.1f} s{dp}")
+            free_resident(self.lm)  # the windows are embedded: from here on, blocks only
         else:
             self.pruner = ClientPruner(self.lm.model, self.windows, prune_cfg)
+            free_resident(self.lm)  # the windows are embedded: from here on, blocks only
             self.log(f"{cfg.client_id}: calibration inputs ready in {time.perf_counter() - t0:.1f} s")
 
     def _progress(self, what: str, total: int):
@@ -281,23 +308,32 @@ class _Session:
         if self.sa is not None:  # fresh keys first, so the key round overlaps our local work
             self.send(key_advert=convert.advert_to_pb(self.sa.advertise(rs.round, length)))
         if self.statistics is not None:
+            self.pruned_blocks.load(block)  # released once the final mask is applied
             try:
                 vector = self.statistics.vector(block)
             except FedPruneError as exc:
                 raise ClientFailed(f"round {rs.round}: {exc}") from exc
             self.log(f"{self.cfg.client_id}: block {block + 1}/{self.lay.num_blocks} statistics ready")
+            source = _slicer(vector)
         elif self.welcome.strategy == "iterative":
-            masks = self.pruner.local_masks(block)
-            vector = _votes(self.lay, masks, self.lay.block_slots(block))
+            if self.lay.block_range(block) != (rs.offset, rs.length):
+                raise ClientFailed(f"round {rs.round} is not one decoder block of the layout")
+            self.pruned_blocks.load(block)  # released once the final mask is applied
+            votes = PackedMask(rs.length)
+            _pack_votes(votes, self.lay, self.pruner.local_masks(block), block, rs.offset)
+            source = _vote_source(votes)
             self.log(f"{self.cfg.client_id}: block {block + 1}/{self.lay.num_blocks} masks ready")
         else:
-            vector = self.vector[rs.offset : rs.offset + rs.length]
-        vector = self.hooks.round_vector(rs.round, vector)
+            if (rs.offset, rs.length) != (0, self.lay.total):
+                raise ClientFailed(f"one-shot round {rs.round} does not cover the whole layout")
+            source = _vote_source(self.votes)
+        values = self.hooks.round_input(rs.round, source)
         if self.sa is None:
             bits = LANE_BITS if self.statistics is not None else 1
-            self._send_input(rs.round, _plain_chunks(rs.round, vector, self.welcome.chunk_elems, bits))
+            chunks = _plain_chunks(rs.round, values, length, self.welcome.chunk_elems, bits)
+            self._send_input(rs.round, chunks)
         else:
-            self.pending = vector
+            self.pending = values
 
     def on_key_directory(self, directory) -> None:
         self.sa.receive_keys(convert.directory_from_pb(directory, self.welcome.session_id))
@@ -330,18 +366,22 @@ class _Session:
         self.send(unmask_shares=self.hooks.unmask_shares(convert.unmask_to_pb(shares)))
 
     def on_final_mask(self, fm) -> None:
-        self.received.setdefault(fm.round, []).append(fm.data)
+        offset, length = self.ranges[fm.round]
+        if not 0 <= fm.offset < length:
+            raise ClientFailed(f"the server sent a final mask part outside round {fm.round}")
+        self.final.set_packed(offset + fm.offset, fm.data, min(len(fm.data) * 8, length - fm.offset))
         if not fm.last:
             return
-        offset, length = self.ranges[fm.round]
-        bits = np.unpackbits(
-            np.frombuffer(b"".join(self.received.pop(fm.round)), dtype=np.uint8), bitorder="little"
-        )[:length].astype(bool)
-        self.final[offset : offset + length] = bits
-        _apply(self.lm.model, self.lay, self.final, offset, length)
-        if self.pruner is not None or self.statistics is not None:
-            block = next(s.block for s in self.lay.slots if s.offset == offset)
+        if self.pruner is not None or self.statistics is not None:  # the next block's inputs come
+            block = next(s.block for s in self.lay.slots if s.offset == offset)  # from this one pruned
+            apply_final_mask(self.lm, self.lay, self.final, block)
             (self.pruner or self.statistics).advance(block)
+            self.pruned_blocks.release(block)
+        elif self.writer is not None:  # one-shot: one more pass, to write the pruned model
+            for block in range(self.lay.num_blocks):
+                self.pruned_blocks.load(block)
+                apply_final_mask(self.lm, self.lay, self.final, block)
+                self.pruned_blocks.release(block)
 
     def on_receipt(self, receipt) -> None:
         """Keep the server's signed transcript head: later, an audit can be checked against it."""
@@ -374,19 +414,21 @@ class _Session:
         self.receipts_path = path
 
     def on_finished(self, _finished) -> None:
-        cfg, lm, final = self.cfg, self.lm, self.final
-        digest = hashlib.sha256(np.packbits(final, bitorder="little").tobytes()).hexdigest()
-        if cfg.save_model:
-
-            def fill(tmp: Path) -> None:
-                lm.model.save_pretrained(tmp, safe_serialization=True)
-                lm.tokenizer.save_pretrained(tmp)
-
-            atomic_write_dir(cfg.save_model, fill)
-        self.log(f"{cfg.client_id}: finished; final mask sha256 {digest[:16]}…, sparsity {final.mean():.3f}")
+        cfg, final = self.cfg, self.final
+        digest, sparsity = final.sha256(), final.count() / final.length
+        if self.writer is not None:
+            load_resident(self.lm)
+            self.writer.finish()
+            self.pruned.commit()
+        self.log(f"{cfg.client_id}: finished; final mask sha256 {digest[:16]}…, sparsity {sparsity:.3f}")
         if self.receipts:
             self.log(f"{cfg.client_id}: {len(self.receipts)} signed receipts kept in {self.receipts_path}")
-        self.result = {"final_mask_sha256": digest, "sparsity": float(final.mean())}
+        self.result = {"final_mask_sha256": digest, "sparsity": sparsity}
+
+    def close(self) -> None:
+        """Remove a pruned model left half-written by a session that did not finish."""
+        if self.pruned is not None:
+            self.pruned.discard()
 
     def on_abort(self, abort) -> None:
         raise ClientFailed(f"the server aborted the federation: {abort.reason}")
@@ -395,38 +437,48 @@ class _Session:
 def _session(cfg, lm, lay, fp, windows, identity, inbox, outgoing, log, hooks) -> dict:
     session = _Session(cfg, lm, lay, fp, windows, identity, outgoing, log, hooks)
     deadline = cfg.connect_timeout_s + 600
-    while True:
-        msg = _next(inbox, deadline)
-        try:
-            result = session.handle(msg)
-        except SecAggError as exc:
-            raise ClientFailed(f"refusing to continue: {exc}") from exc
-        if session.welcome is not None:
-            deadline = session.welcome.deadline_s + 60
-        if result is not None:
-            return result
+    try:
+        while True:
+            msg = _next(inbox, deadline)
+            try:
+                result = session.handle(msg)
+            except SecAggError as exc:
+                raise ClientFailed(f"refusing to continue: {exc}") from exc
+            if session.welcome is not None:
+                deadline = session.welcome.deadline_s + 60
+            if result is not None:
+                return result
+    finally:
+        session.close()
 
 
-def _votes(lay, masks, slots=None) -> np.ndarray:
-    """The vote vector of ``slots`` (default: every slot): the local masks in layout order."""
-    return lay.flatten(masks, slots).astype(np.uint8)
+def _pack_votes(votes: PackedMask, lay, masks, block: int, offset: int = 0) -> None:
+    """Block ``block``'s local masks into ``votes`` (which starts at element ``offset``),
+    one layer at a time, through the host."""
+    for slot in lay.block_slots(block):
+        votes.set(slot.offset - offset, masks[slot.name].cpu().numpy())
 
 
-def _plain_chunks(rnd: int, vector: np.ndarray, chunk: int, bits: int = 1) -> Iterator[pb.VectorChunk]:
-    """The plain upload, chunk by chunk: the mask bit-packed, or statistics in 64-bit lanes."""
-    for start in range(0, len(vector), chunk):
-        data = pack(vector[start : start + chunk], bits).tobytes()
+def _vote_source(votes: PackedMask) -> ChunkSource:
+    """The votes as SecAgg's chunk source: elements ``[offset, offset + count)`` as 0/1."""
+    return lambda offset, count: votes.get(offset, count).view(np.uint8)
+
+
+def _plain_chunks(
+    rnd: int, values: ChunkSource, length: int, chunk: int, bits: int = 1
+) -> Iterator[pb.VectorChunk]:
+    """The plain upload, chunk by chunk: the votes bit-packed."""
+    for start in range(0, length, chunk):
+        data = pack(values(start, min(chunk, length - start)), bits).tobytes()
         yield pb.VectorChunk(round=rnd, offset=start, data=data)
+
+
+def _slicer(vector: np.ndarray) -> ChunkSource:
+    """A short vector held whole (a block's statistics) as a chunk source."""
+    return lambda offset, count: vector[offset : offset + count]
 
 
 def _statistics_length(lay, block: int) -> int:
     from fedprune.statistics import BlockLayout
 
     return BlockLayout.from_slots(lay.block_slots(block)).length
-
-
-def _apply(model, lay, final: np.ndarray, offset: int, length: int) -> None:
-    """Prune the layers of ``[offset, offset + length)`` with the final mask."""
-    weights = prunable_weights(model)
-    for name, mask in lay.unflatten(final[offset : offset + length], offset).items():
-        weights[name].masked_fill_(torch.from_numpy(mask).to(weights[name].device), 0)

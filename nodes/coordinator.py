@@ -14,6 +14,11 @@ machines are only ever touched by one thread. A federation reads as its steps:
    (vote counts, or the pooled statistics: nodes.statistics_rounds), the final
    mask broadcast, a signed receipt;
 4. outputs (nodes.outputs) and Finished.
+
+The model is never whole in memory (nodes.model): the server loads a decoder
+block only to select it with the magnitude tie-break or to write it pruned.
+Vote counts stay packed until the layer being selected is unpacked; the final
+mask is kept bit-packed (nodes.masks).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import resource
 import threading
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -32,7 +38,7 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedprune.errors import StatisticsError, VoteCountError
-from fedprune.models import LayerSlot, fingerprint, layout, load_model
+from fedprune.models import LayerSlot, layout
 from fedprune.selection import LayerSalts
 from fedprune.strategies import apply_vote_counts, layer_salts
 from fedprune.wanda import check_vote_counts
@@ -41,12 +47,23 @@ from secagg.errors import SecAggError
 from secagg.keys import raw_public, sign
 
 from .admission import ID_PATTERN, Admission, Refusal, refusal_record
-from .aggregators import Aggregator, Handler, PlainAggregator, SecureAggregator
+from .aggregators import Aggregator, Handler, PlainAggregator, RoundSums, SecureAggregator
 from .audit import Transcript, receipt_message
 from .config import ServerConfig
 from .errors import FederationAborted, ProtocolViolation
+from .files import StagedDir
 from .identity import load_identity, parse_public_hex
-from .outputs import mask_summary, packed_mask, perplexities, write_outputs
+from .masks import PackedMask
+from .model import (
+    MaskedBlocks,
+    block_source,
+    free_resident,
+    load_node_model,
+    load_resident,
+    model_fingerprint,
+    pruned_writer,
+)
+from .outputs import mask_summary, perplexities, write_outputs
 from .statistics_rounds import INPUT_BOUND, StatisticsParameters, block_layouts, server_block_masks
 from .traffic import traffic
 from .wire import convert
@@ -80,9 +97,13 @@ class Coordinator(pb_grpc.FederationServicer):
         self.roster = {cid: parse_public_hex(pk, cid) for cid, pk in cfg.roster.items()}
         self.prune_cfg = cfg.prune_config()
         t0 = time.perf_counter()
-        self.lm = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+        self.lm = load_node_model(cfg.model, cfg.dtype, cfg.device, log)  # the skeleton; blocks on demand
         self.layout = layout(self.lm.model)
-        self.fingerprint = bytes.fromhex(fingerprint(self.lm.model))
+        self.fingerprint = model_fingerprint(self.lm)
+        self.final = PackedMask(self.layout.total)  # the final mask, 1 bit per weight
+        self.pruned: StagedDir | None = None  # pruned-model/, written block by block as selected
+        self.writer = None
+        self.blocks = block_source(self.lm)
         # Statistics with DP: the noise that meets (epsilon, delta) over one round per block,
         # found before anything is served or written (a target no noise meets is one line).
         self.dp_calibration = None
@@ -224,9 +245,12 @@ class Coordinator(pb_grpc.FederationServicer):
         self.transcript.close()
         if self.aggregator is not None:
             self.aggregator.close()
+        if self.pruned is not None:  # left only by an aborted federation
+            self.pruned.discard()
 
     def _federate(self) -> dict:
-        eval_before = self._evaluate() if self.cfg.eval_sources else None
+        eval_before = self._evaluate(block_source(self.lm)) if self.cfg.eval_sources else None
+        free_resident(self.lm)  # selection needs no embeddings nor head: only blocks, on demand
         t0 = time.perf_counter()
         self._await_members()
         self.timings["join"] = time.perf_counter() - t0
@@ -234,22 +258,23 @@ class Coordinator(pb_grpc.FederationServicer):
         ranges = self._round_ranges()
         self.block_layouts = block_layouts(self.layout) if self.statistics else []
         salts = layer_salts(self.lm.model)
-        final = np.zeros(self.layout.total, dtype=bool)
+        if self.cfg.save_model:  # each block is written as it is selected
+            Path(self.cfg.output_dir).mkdir(parents=True, exist_ok=True)
+            self.pruned = StagedDir(Path(self.cfg.output_dir) / "pruned-model")
+            self.writer = pruned_writer(self.lm, self.pruned.path)
+            self.blocks = block_source(self.lm, on_release=self.writer.write_block)
         for rnd, (offset, length, slots) in enumerate(ranges):
-            final[offset : offset + length] = self._round(rnd, offset, length, slots, salts)
+            self._round(rnd, offset, length, slots, salts)
             self.log(f"round {rnd + 1}/{len(ranges)} done")
+        self.aggregator.close()  # the last round's sum is no longer needed
+        if self.writer is not None or self.cfg.eval_sources:
+            load_resident(self.lm)
+        if self.writer is not None:
+            self.writer.finish()
         self.timings["federation"] = time.perf_counter() - t0
         self.timings["key_agreement"] = sum(r.get("keys_s", 0.0) for r in self.rounds)
-        packed = packed_mask(final)
-        report = self._report(final, packed, eval_before)
-        write_outputs(
-            self.cfg.output_dir,
-            packed,
-            self.layout,
-            self.fingerprint,
-            report,
-            self.lm if self.cfg.save_model else None,
-        )
+        report = self._report(eval_before)
+        write_outputs(self.cfg.output_dir, self.final, self.layout, self.fingerprint, report, self.pruned)
         for cid in self.alive():
             self.links[cid].send(
                 finished=pb.Finished(
@@ -377,8 +402,8 @@ class Coordinator(pb_grpc.FederationServicer):
 
     def _round(
         self, rnd: int, offset: int, length: int, slots: tuple[LayerSlot, ...], salts: LayerSalts
-    ) -> np.ndarray:
-        """Step 3: one round; returns the final mask of ``[offset, offset + length)``."""
+    ) -> None:
+        """Step 3: one round; selects the final mask of ``[offset, offset + length)``."""
         t1 = time.perf_counter()
         before = {c: self.links[c].bytes_received for c in self.members}
         # Statistics: the uploaded vector is the block's statistics, not one vote per weight.
@@ -392,15 +417,18 @@ class Coordinator(pb_grpc.FederationServicer):
                     vector_length=vector_length if self.statistics else 0,
                 )
             )
-        sums, contributors = self.aggregator.aggregate(rnd, vector_length)
-        t2 = time.perf_counter()
-        self.log(f"round {rnd}: selection over {len(contributors)} contributors")
         extra = {}
-        if self.statistics:
-            mask, extra = self._select_statistics(rnd, sums, slots, len(contributors))
+        if self.statistics:  # a short vector per block: unpacked whole
+            sums, contributors = self.aggregator.aggregate(rnd, vector_length)
+            t2 = time.perf_counter()
+            self.log(f"round {rnd}: selection over {len(contributors)} contributors")
+            extra = self._select_statistics(rnd, sums, slots, len(contributors))
         else:
-            mask = self._select(rnd, sums, offset, slots, len(contributors), salts)
-        self._broadcast_mask(rnd, mask)
+            counts, contributors = self.aggregator.sum_round(rnd, length)
+            t2 = time.perf_counter()
+            self.log(f"round {rnd}: selection over {len(contributors)} contributors")
+            self._select(rnd, counts, offset, slots, len(contributors), salts)
+        self._broadcast_mask(rnd, offset, length)
         self._send_receipt(rnd)
         self.rounds.append(
             {
@@ -416,13 +444,13 @@ class Coordinator(pb_grpc.FederationServicer):
                 **self.aggregator.round_report,
             }
         )
-        return mask
 
     def _select_statistics(
         self, rnd: int, sums: np.ndarray, slots: tuple[LayerSlot, ...], contributors: int
-    ) -> tuple[np.ndarray, dict]:
+    ) -> dict:
         """The statistics strategy's server step: decode and check the pooled statistics of the
-        round's block, select its masks with the server's weights, prune the server's copy.
+        round's block, select its masks with the server's weights (the block loaded for this,
+        and written pruned when the model is saved); the final mask goes into ``self.final``.
 
         Masking hides the inputs: the decoded sums are the only place a malformed vector shows.
         """
@@ -445,41 +473,54 @@ class Coordinator(pb_grpc.FederationServicer):
                 f"round {rnd} aborted: the pooled token count {pooled.tokens} exceeds {contributors} "
                 f"contributors x {self.statistics.max_tokens_per_client}; no honest clients send this"
             )
+        self.blocks.load(block)
         masks = server_block_masks(self.lm.model, block, pooled, self.prune_cfg)
-        return self.layout.flatten(masks, slots), {
-            "tokens": pooled.tokens,
-            "clamped_elements": pooled.clamped,
-        }
+        for slot in slots:
+            self.final.set(slot.offset, masks[slot.name].cpu().numpy())
+        del masks
+        self.blocks.release(block)
+        return {"tokens": pooled.tokens, "clamped_elements": pooled.clamped}
 
     def _select(
         self,
         rnd: int,
-        counts: np.ndarray,
+        counts: RoundSums,
         offset: int,
         slots: tuple[LayerSlot, ...],
         contributors: int,
         salts: LayerSalts,
-    ) -> np.ndarray:
-        """FedPrLLM's server step on one round's vote counts: check, select, prune the model.
+    ) -> None:
+        """FedPrLLM's server step on one round's vote counts, layer by layer: check, select,
+        prune; the final mask goes into ``self.final``.
 
-        Masking hides the inputs, so the counts are the only place a malformed vote shows.
+        A block's weights are loaded only when they are needed: to break ties by magnitude,
+        or to write the block pruned (released after its last layer). Masking hides the
+        inputs, so the counts are the only place a malformed vote shows.
         """
-        per_layer = self.layout.unflatten(counts, offset)
-        layer_counts = {name: torch.from_numpy(c.astype(np.int16)) for name, c in per_layer.items()}
-        try:
-            for name, votes in layer_counts.items():
-                check_vote_counts(votes, self.prune_cfg, contributors, name)
-        except VoteCountError as exc:
-            raise FederationAborted(
-                f"round {rnd} aborted: {exc}; a client sent votes no honest client can send"
-            ) from exc
-        masks = apply_vote_counts(self.lm.model, layer_counts, self.prune_cfg, contributors, salts)
-        return self.layout.flatten(masks, slots)
+        cfg = self.prune_cfg
+        load = cfg.tie_break == "magnitude" or self.writer is not None
+        for block in sorted({s.block for s in slots}):
+            if load:
+                self.blocks.load(block)
+            for slot in (s for s in slots if s.block == block):
+                layer = counts.values(slot.offset - offset, slot.numel).astype(np.int16).reshape(slot.shape)
+                votes = torch.from_numpy(layer)
+                try:
+                    check_vote_counts(votes, cfg, contributors, slot.name)
+                except VoteCountError as exc:
+                    raise FederationAborted(
+                        f"round {rnd} aborted: {exc}; a client sent votes no honest client can send"
+                    ) from exc
+                mask = apply_vote_counts(self.lm.model, {slot.name: votes}, cfg, contributors, salts)
+                self.final.set(slot.offset, mask[slot.name].cpu().numpy())
+            if load:
+                self.blocks.release(block)
 
-    def _broadcast_mask(self, rnd: int, mask: np.ndarray) -> None:
-        for start in range(0, len(mask), MASK_CHUNK_BITS):
-            part = np.packbits(mask[start : start + MASK_CHUNK_BITS], bitorder="little").tobytes()
-            last = start + MASK_CHUNK_BITS >= len(mask)
+    def _broadcast_mask(self, rnd: int, offset: int, length: int) -> None:
+        for start in range(0, length, MASK_CHUNK_BITS):
+            count = min(MASK_CHUNK_BITS, length - start)
+            part = self.final.packed(offset + start, count)
+            last = start + MASK_CHUNK_BITS >= length
             for cid in self.alive():
                 self.links[cid].send(final_mask=pb.FinalMask(round=rnd, offset=start, data=part, last=last))
 
@@ -566,10 +607,11 @@ class Coordinator(pb_grpc.FederationServicer):
             ],
         }
 
-    def _evaluate(self) -> dict[str, float]:
-        return perplexities(self.lm, self.cfg.eval_sources, self.cfg.eval_seqlen, self.cfg.eval_windows)
+    def _evaluate(self, blocks) -> dict[str, float]:
+        cfg = self.cfg
+        return perplexities(self.lm, cfg.eval_sources, cfg.eval_seqlen, cfg.eval_windows, blocks)
 
-    def _report(self, final: np.ndarray, packed: bytes, eval_before) -> dict:
+    def _report(self, eval_before) -> dict:
         report = {
             "config": {
                 **{k: v for k, v in asdict(self.cfg).items() if k != "roster"},
@@ -577,7 +619,7 @@ class Coordinator(pb_grpc.FederationServicer):
             },
             "members": self.members,
             "fingerprint": self.fingerprint.hex(),
-            **mask_summary(final, packed, self.layout),
+            **mask_summary(self.final, self.layout),
             "rounds": self.rounds,
             "bytes_received": {c: self.links[c].bytes_received for c in self.members},
             "rejected": self.rejected,
@@ -590,5 +632,5 @@ class Coordinator(pb_grpc.FederationServicer):
             report["statistics"] = self.statistics.report(self.block_layouts)
         if eval_before is not None:
             report["perplexity_before"] = eval_before
-            report["perplexity_after"] = self._evaluate()
+            report["perplexity_after"] = self._evaluate(MaskedBlocks(self.lm, self.layout, self.final))
         return report

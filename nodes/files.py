@@ -30,24 +30,43 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+class StagedDir:
+    """A directory filled over time (a pruned model, block by block) in a temporary
+    sibling of ``path``, swapped in place of ``path`` by :meth:`commit` or removed by
+    :meth:`discard`: ``path`` is either the old directory or the complete new one."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.target = Path(path)
+        self.path = Path(tempfile.mkdtemp(dir=self.target.parent, prefix=f".{self.target.name}."))
+
+    def commit(self) -> None:
+        target, old = self.target, None
+        try:
+            if target.exists():
+                old = target.with_name(f".{target.name}.old-{os.getpid()}")
+                os.replace(target, old)
+            os.replace(self.path, target)
+        except BaseException:
+            self.discard()
+            if old is not None and not target.exists():
+                os.replace(old, target)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def discard(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
 def atomic_write_dir(path: str | os.PathLike, fill: Callable[[Path], None]) -> None:
     """Let ``fill`` populate a temporary directory, then swap it in place of ``path``."""
-    target = Path(path)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    old = None
+    staged = StagedDir(path)
     try:
-        fill(tmp)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-        os.replace(tmp, target)
+        fill(staged.path)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not target.exists():
-            os.replace(old, target)
+        staged.discard()
         raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    staged.commit()
 
 
 def check_writable_parent(path: str | os.PathLike, what: str) -> None:

@@ -89,6 +89,21 @@ def unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     return out.reshape(-1)[:count]
 
 
+def unpack_range(packed: np.ndarray, bits: int, start: int, count: int) -> np.ndarray:
+    """Lanes ``[start, start + count)`` of a packed array, as :func:`unpack` gives them.
+
+    Only the bytes holding those lanes are read, so one layer of a large packed sum
+    (in memory or memory-mapped) is unpacked without the rest.
+    """
+    _check_bits(bits)
+    first_bit = start * bits
+    first, skip = first_bit // 8, (first_bit % 8) // bits
+    part = np.asarray(packed[first : first + packed_nbytes(skip + count, bits)], dtype=np.uint8)
+    if bits == 1:
+        return np.unpackbits(part, bitorder="little", count=skip + count)[skip:]
+    return unpack(part, bits, skip + count)[skip:]
+
+
 def _split(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """A uint8 array as (its whole 64-bit words, the bytes of the tail)."""
     whole = a.nbytes - a.nbytes % 8

@@ -83,10 +83,13 @@ class ExtraVotes(ClientHooks):
 
         secagg.client.ClientSession.masked_chunks = unchecked
 
-    def round_vector(self, rnd, vector):
-        vector = np.array(vector, dtype=np.uint8)
-        vector[:64] = 2
-        return vector
+    def round_input(self, rnd, values):
+        def doubled(offset, count):
+            chunk = np.array(values(offset, count), dtype=np.uint8)
+            chunk[: max(0, 64 - offset)] = 2
+            return chunk
+
+        return doubled
 
 
 class HugeStatistics(ClientHooks):
@@ -94,10 +97,14 @@ class HugeStatistics(ClientHooks):
     above what its token count and the clip allow. SecAgg's ring inputs let it through; only
     the server's check of the decoded sum can catch it."""
 
-    def round_vector(self, rnd, vector):
-        vector = np.array(vector, dtype=np.uint64)
-        vector[0] = np.uint64(2**62)
-        return vector
+    def round_input(self, rnd, values):
+        def huge(offset, count):
+            chunk = np.array(values(offset, count), dtype=np.uint64)
+            if offset == 0 and count:
+                chunk[0] = np.uint64(2**62)
+            return chunk
+
+        return huge
 
 
 class CorruptUnmaskShares(ClientHooks):

@@ -75,9 +75,7 @@ def test_client_sends_votes_computed_off_host(strategy, tiny_model, windows, mon
         sent_masks.update({n: m.as_subclass(torch.Tensor).clone() for n, m in masks.items()})
         return _off_host(masks)
 
-    real_local = client_module.local_pruning_masks
-    monkeypatch.setattr(client_module, "local_pruning_masks", lambda *a, **k: remember(real_local(*a, **k)))
-    real_block = ClientPruner.local_masks
+    real_block = ClientPruner.local_masks  # one-shot and iterative clients both compute through it
     monkeypatch.setattr(ClientPruner, "local_masks", lambda self, i: remember(real_block(self, i)))
 
     lm = LoadedModel(model=tiny_model, tokenizer=None, spec="tiny")

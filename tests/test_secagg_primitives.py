@@ -13,7 +13,7 @@ from secagg import shamir
 from secagg.errors import ConfigError, ShareError
 from secagg.graph import neighbour_graph
 from secagg.prg import MaskStream, context
-from secagg.ring import add_, lane_bits_for, pack, packed_nbytes, sub_, unpack
+from secagg.ring import add_, lane_bits_for, pack, packed_nbytes, sub_, unpack, unpack_range
 
 # ---- ring ------------------------------------------------------------------
 
@@ -101,6 +101,16 @@ def test_no_input_carries_into_a_neighbouring_lane(bits, n, seed):
     add_(acc, pack(evil, bits), bits)
     sub_(acc, mask, bits)
     assert np.array_equal(unpack(acc, bits, n), (honest + evil) % (1 << bits))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8, 16, 32, 64])
+def test_a_range_unpacks_as_the_same_slice_of_the_whole(bits):
+    rng = np.random.default_rng(bits)
+    values = rng.integers(0, 1 << min(bits, 62), 333, dtype=np.uint64)
+    packed = pack(values, bits)
+    for start, count in [(0, 333), (5, 17), (7, 0), (100, 233), (331, 2)]:
+        part = unpack_range(packed, bits, start, count)
+        assert np.array_equal(part.astype(np.uint64), values[start : start + count])
 
 
 def test_lane_width_is_the_smallest_that_holds_m():
