@@ -124,7 +124,7 @@ def test_plain_and_secure_give_identical_final_masks(world, strategy):
         chunk_bytes = results[mode]["bytes_received"]["a"]
         bits = 1 if mode == "plain" else 2  # 3 clients -> 2-bit lanes
         assert total * bits / 8 <= chunk_bytes < total * bits / 8 * 1.2 + 20000
-        assert (run_dir / "out" / "pruned-model" / "model.safetensors").exists()
+        assert (run_dir / "out" / "pruned-model" / "model.safetensors.index.json").exists()  # block shards
     assert results["plain"]["final_mask_sha256"] == results["secure"]["final_mask_sha256"]
 
 
