@@ -8,13 +8,15 @@ weights (no download).
 Builds the model from a transformers config class with random weights and saves it
 as safetensors under --models (once; 2.2 GB for 1.1B in bf16, 13.5 GB for 7B), with
 a byte-level tokenizer and a synthetic text. Each run is one `fedprune simulate`
-subprocess; reported: wall time, the process's peak resident memory (from
-``os.wait4``), peak GPU memory on CUDA, and the share of pruning time spent in
+subprocess; reported: wall time, the process's peak resident memory (its
+VmHWM, polled), peak GPU memory on CUDA, and the share of pruning time spent in
 selection. A ``federation:N`` run is a secure one-shot federation on loopback with
 real processes (``fedprune server`` and N ``fedprune client``, mutual TLS, as
 ``fedprune demo`` starts them), each client with ``--nsamples`` windows of its own;
 reported: wall time and peak resident memory of every process (``os.wait4``).
 Prints a Markdown table and writes scale.md / scale.json atomically.
+``--selection 2,16,64`` adds the server's selection alone on one 5632x2048 layer
+(TinyLlama's MLP) with Wanda-like votes of that many clients.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import random
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -85,12 +88,12 @@ def _byte_tokenizer():
 
 def build_model(shape: str, dtype: str, root: Path) -> Path:
     """The random-weight model directory for a shape (built once, atomically)."""
+    target = root / f"llama-{shape}-{dtype}"
+    if (target / "config.json").exists():
+        return target  # without importing torch: the --one wrapper stays small (see run_simulate)
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    target = root / f"llama-{shape}-{dtype}"
-    if (target / "config.json").exists():
-        return target
     root.mkdir(parents=True, exist_ok=True)
     config = LlamaConfig(**SHAPES[shape], max_position_embeddings=2048, use_cache=False)
     torch.manual_seed(0)
@@ -135,10 +138,14 @@ def run_simulate(model: Path, text: Path, strategy: str, clients: int, args) -> 
         ]  # fmt: skip
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # The child's own high-water mark, polled from /proc: its RUSAGE_CHILDREN maxrss also
+        # counts the forked copy of this process before exec (a torch-importing parent's
+        # hundreds of MB). VmHWM only grows, so the last poll misses at most the final 0.2 s.
+        hwm = [0]
+        poller = threading.Thread(target=_poll_hwm, args=(proc, hwm), daemon=True)
+        poller.start()
         out, err = proc.communicate()
-        # communicate() already reaped the child; its peak RSS is in RUSAGE_CHILDREN. Runs
-        # are sequential and this is the largest child so far only if it grew: so each run
-        # goes through its own wrapper process (see main), which has exactly one child.
+        poller.join()
         wall = time.perf_counter() - start
         if proc.returncode != 0:
             raise SystemExit(f"simulate failed ({proc.returncode}): {err.strip().splitlines()[-1:]}")
@@ -153,7 +160,7 @@ def run_simulate(model: Path, text: Path, strategy: str, clients: int, args) -> 
         "nsamples": nsamples,
         "seqlen": args.seqlen,
         "wall_s": wall,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
+        "peak_rss_bytes": hwm[0] or resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
         "peak_gpu_bytes": report.get("peak_gpu_memory_bytes"),
         "prune_s": timings["prune_total"],
         "selection_s": timings.get("selection", 0.0),
@@ -235,6 +242,70 @@ def run_federation(model: Path, text: Path, clients: int, args) -> dict:
     }
 
 
+def wanda_like_counts(clients: int, rows: int, cols: int, seed: int = 0):
+    """Vote counts of ``clients`` masks that each prune the lower half of every row by
+    correlated scores (a shared |W|-like score times per-client noise), as Wanda votes are."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.rand(rows, cols, generator=gen)
+    counts = torch.zeros(rows, cols, dtype=torch.int16)
+    for _ in range(clients):
+        scores = base * torch.exp(0.5 * torch.randn(rows, cols, generator=gen))
+        counts += scores <= torch.kthvalue(scores, cols // 2, dim=1, keepdim=True).values
+    return counts
+
+
+def selection_benchmark(clients_list: list[int], rows: int, cols: int, reps: int = 5) -> list[dict]:
+    """Median wall and CPU seconds of ``select_final_mask`` on one (rows, cols) layer."""
+
+    from fedprune.config import PruneConfig
+    from fedprune.selection import select_final_mask
+
+    out = []
+    for clients in clients_list:
+        counts = wanda_like_counts(clients, rows, cols)
+        for group in ("layer", "row", "column"):
+            cfg = PruneConfig(0.5, comparison_group=group)
+            walls, cpus = [], []
+            for _ in range(reps):
+                w0, c0 = time.perf_counter(), time.process_time()
+                select_final_mask(counts, cfg, salt=1)
+                walls.append(time.perf_counter() - w0)
+                cpus.append(time.process_time() - c0)
+            out.append(
+                {"clients": clients, "group": group, "rows": rows, "cols": cols,
+                 "wall_s": sorted(walls)[reps // 2], "cpu_s": sorted(cpus)[reps // 2]}
+            )  # fmt: skip
+            print(f"selection {clients} clients {group}: {json.dumps(out[-1])}", file=sys.stderr, flush=True)
+    return out
+
+
+def selection_markdown(rows: list[dict]) -> str:
+    r0 = rows[0]
+    lines = [
+        f"\nselect_final_mask on one {r0['rows']}x{r0['cols']} layer, Wanda-like votes, "
+        f"sparsity 0.5, random ties (median of 5)\n",
+        "| clients | group | wall (s) | CPU (s) |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {r['clients']} | {r['group']} | {r['wall_s']:.3f} | {r['cpu_s']:.3f} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _poll_hwm(proc: subprocess.Popen, hwm: list[int]) -> None:
+    """Keep ``hwm[0]`` at the child's VmHWM (bytes) until it exits."""
+    status = Path(f"/proc/{proc.pid}/status")
+    while proc.poll() is None:
+        try:
+            for line in status.read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    hwm[0] = max(hwm[0], int(line.split()[1]) * 1024)
+        except (OSError, ValueError):  # not Linux, or the child just exited
+            pass
+        time.sleep(0.2)
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [
         f"{meta['shape']} shape, {meta['dtype']}, {meta['device']} ({meta['cpu']}, {meta['threads']} threads)"
@@ -294,6 +365,11 @@ def main() -> int:
     p.add_argument("--eval-windows", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--out", default=None, help="folder for scale.md and scale.json")
+    p.add_argument(
+        "--selection",
+        default="",
+        help="also time the server's selection alone on a 5632x2048 layer for these client counts (e.g. 2,16,64)",
+    )
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: a single run, JSON out
     args = p.parse_args()
     root = Path(args.models)
@@ -309,7 +385,7 @@ def main() -> int:
     import torch
 
     rows = []
-    for item in args.runs.split(","):
+    for item in filter(None, args.runs.split(",")):
         cmd = [sys.executable, *sys.argv, "--one", item]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -326,13 +402,17 @@ def main() -> int:
         "threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
     }
-    table = markdown(rows, meta)
+    table = markdown(rows, meta) if rows else ""
+    result: dict = {"meta": meta, "runs": rows}
+    if args.selection:
+        result["selection"] = selection_benchmark([int(c) for c in args.selection.split(",")], 5632, 2048)
+        table += selection_markdown(result["selection"])
     print(table, end="")
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         _atomic_write(out / "scale.md", table)
-        _atomic_write(out / "scale.json", json.dumps({"meta": meta, "runs": rows}, indent=2))
+        _atomic_write(out / "scale.json", json.dumps(result, indent=2))
     return 0
 
 
