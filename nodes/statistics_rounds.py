@@ -112,7 +112,7 @@ class StatisticsParameters:
 
     def share_std(self, block: BlockLayout) -> float:
         """Each client's noise: any t shares sum to at least N(0, sigma^2) (module docstring)."""
-        return self.sigma(block) / math.sqrt(self.threshold) if self.dp else 0.0
+        return DPCalibration.share_std(self.sigma(block), self.threshold)
 
     def codec(self, block: BlockLayout) -> FixedPoint:
         """The round's fixed-point code, with room for the noise of all m members' shares."""
