@@ -366,6 +366,8 @@ class _Session:
         self.send(unmask_shares=self.hooks.unmask_shares(convert.unmask_to_pb(shares)))
 
     def on_final_mask(self, fm) -> None:
+        if fm.round not in self.ranges:
+            raise ClientFailed(f"the server sent a final mask for round {fm.round}, which it never started")
         offset, length = self.ranges[fm.round]
         if not 0 <= fm.offset < length:
             raise ClientFailed(f"the server sent a final mask part outside round {fm.round}")

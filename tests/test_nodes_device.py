@@ -139,3 +139,21 @@ def test_no_tensor_reaches_numpy_without_the_host():
                 if not re.search(r"\.cpu\(\)|\.to\(\"cpu\"\)", context):
                     offenders.append(f"{name}:{lineno}: {line.strip()}")
     assert not offenders, "\n".join(offenders)
+
+
+def test_a_final_mask_for_a_round_never_started_is_refused(tiny_model, windows):
+    """A lying server sends a final mask for a round it never started: a typed error, not a crash."""
+    lm = LoadedModel(model=tiny_model, tokenizer=None, spec="tiny")
+    lay = layout(tiny_model)
+    fp = bytes.fromhex(fingerprint(tiny_model))
+    inbox: queue.Queue = queue.Queue()
+    welcome = _welcome(lay, fp, "one-shot")
+    inbox.put(pb.ServerMessage(challenge=pb.Challenge(session_id=welcome.session_id, nonce=bytes(32))))
+    inbox.put(pb.ServerMessage(welcome=welcome))
+    inbox.put(pb.ServerMessage(final_mask=pb.FinalMask(round=7, data=b"\xff", last=True)))
+    cfg = client_module.ClientConfig(server="127.0.0.1:9", client_id="org-1", identity="", data=())
+    with pytest.raises(client_module.ClientFailed, match="round 7, which it never started"):
+        client_module._session(
+            cfg, lm, lay, fp, windows, Ed25519PrivateKey.generate(), inbox, queue.Queue(),
+            lambda _: None, client_module.ClientHooks(),
+        )  # fmt: skip
