@@ -13,7 +13,7 @@ VmHWM, polled), peak GPU memory on CUDA, and the share of pruning time spent in
 selection. A ``federation:N`` run is a secure one-shot federation on loopback with
 real processes (``fedprune server`` and N ``fedprune client``, mutual TLS, as
 ``fedprune demo`` starts them), each client with ``--nsamples`` windows of its own;
-reported: wall time and peak resident memory of every process (``os.wait4``).
+reported: wall time and peak resident memory of every process (its VmHWM, polled).
 Prints a Markdown table and writes scale.md / scale.json atomically.
 ``--selection 2,16,64`` adds the server's selection alone on one 5632x2048 layer
 (TinyLlama's MLP) with Wanda-like votes of that many clients.
@@ -87,28 +87,57 @@ def _byte_tokenizer():
 
 
 def build_model(shape: str, dtype: str, root: Path) -> Path:
-    """The random-weight model directory for a shape (built once, atomically)."""
+    """The random-weight model directory for a shape (built once, atomically).
+
+    Tensors are drawn one at a time and written in shards of about 1 GB, so building
+    the 7B shape (13.5 GB in bf16) needs about one shard of memory, not the model.
+    """
     target = root / f"llama-{shape}-{dtype}"
     if (target / "config.json").exists():
         return target  # without importing torch: the --one wrapper stays small (see run_simulate)
     import torch
+    from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
     root.mkdir(parents=True, exist_ok=True)
     config = LlamaConfig(**SHAPES[shape], max_position_embeddings=2048, use_cache=False)
-    torch.manual_seed(0)
+    config.dtype = dtype
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    model = model.to_empty(device="cpu").to(getattr(torch, dtype))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 0.02)
-            else:
-                p.fill_(1.0)  # norms
-        model.model.rotary_emb.__init__(config)  # buffers were left uninitialized by to_empty
+        params = [(n, tuple(p.shape)) for n, p in LlamaForCausalLM(config).named_parameters()]
+    torch.manual_seed(0)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".build-"))
-    model.save_pretrained(tmp, max_shard_size="1GB")
+    shards: list[dict] = [{}]
+    sizes = [0]
+    weight_map: dict[str, int] = {}
+    total = 0
+
+    def flush() -> None:
+        save_file(shards[-1], str(tmp / f"part-{len(shards)}"), metadata={"format": "pt"})
+        shards[-1] = {}  # release the tensors; the next shard starts empty
+        shards.append({})
+        sizes.append(0)
+
+    for name, shape_ in params:
+        t = torch.empty(shape_, dtype=getattr(torch, dtype))
+        if t.dim() >= 2:
+            t.normal_(0, 0.02)
+        else:
+            t.fill_(1.0)  # norms
+        nbytes = t.numel() * t.element_size()
+        if sizes[-1] and sizes[-1] + nbytes > 1 << 30:
+            flush()
+        shards[-1][name] = t
+        sizes[-1] += nbytes
+        weight_map[name] = len(shards)
+        total += nbytes
+    flush()
+    count = len(shards) - 1
+    names = {i: f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)}
+    for i, final in names.items():
+        os.replace(tmp / f"part-{i}", tmp / final)
+    index = {"metadata": {"total_size": total}, "weight_map": {n: names[i] for n, i in weight_map.items()}}
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    config.save_pretrained(tmp)
     _byte_tokenizer().save_pretrained(tmp)
     os.replace(tmp, target)
     return target
@@ -173,7 +202,6 @@ def run_simulate(model: Path, text: Path, strategy: str, clients: int, args) -> 
 
 def run_federation(model: Path, text: Path, clients: int, args) -> dict:
     """A secure one-shot federation of ``clients`` real client processes and a server."""
-    import threading
 
     from nodes.demo import start_federation
     from nodes.identity import make_certificates, write_identity
@@ -209,12 +237,21 @@ def run_federation(model: Path, text: Path, clients: int, args) -> dict:
         )
         processes = {"server": server, **procs}
         results: dict[str, tuple[int, float, int]] = {}
+        hwm = {name: [0] for name in processes}
+        exited = {name: threading.Event() for name in processes}
 
-        def reap(name: str, proc) -> None:  # wait4: the exact peak RSS of that one child
+        def reap(name: str, proc) -> None:
             _, status, usage = os.wait4(proc.pid, 0)
+            exited[name].set()
             results[name] = (os.waitstatus_to_exitcode(status), time.perf_counter() - start, usage.ru_maxrss)
 
+        # Each process's own VmHWM, polled: wait4's ru_maxrss can also count the pages of
+        # the forked copy of this (torch-importing) process before exec.
         threads = [threading.Thread(target=reap, args=item) for item in processes.items()]
+        threads += [
+            threading.Thread(target=_poll_hwm, args=(proc, hwm[name], exited[name]), daemon=True)
+            for name, proc in processes.items()
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -231,9 +268,10 @@ def run_federation(model: Path, text: Path, clients: int, args) -> dict:
         "seqlen": args.seqlen,
         "wall_s": max(r[1] for r in results.values()),
         "processes": {
-            n: {"wall_s": wall, "peak_rss_bytes": kib * 1024} for n, (_, wall, kib) in results.items()
+            n: {"wall_s": wall, "peak_rss_bytes": hwm[n][0] or kib * 1024, "wait4_maxrss_bytes": kib * 1024}
+            for n, (_, wall, kib) in results.items()
         },
-        "peak_rss_bytes": results["server"][2] * 1024,
+        "peak_rss_bytes": hwm["server"][0] or results["server"][2] * 1024,
         "federation_s": report["timings"]["federation"],
         "load_s": report["timings"]["load_model"],
         "sparsity": report["sparsity"],
@@ -293,10 +331,11 @@ def selection_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _poll_hwm(proc: subprocess.Popen, hwm: list[int]) -> None:
-    """Keep ``hwm[0]`` at the child's VmHWM (bytes) until it exits."""
+def _poll_hwm(proc: subprocess.Popen, hwm: list[int], stop: threading.Event | None = None) -> None:
+    """Keep ``hwm[0]`` at the child's VmHWM (bytes) until it exits (or ``stop`` is set,
+    for a child that another thread reaps)."""
     status = Path(f"/proc/{proc.pid}/status")
-    while proc.poll() is None:
+    while not (stop.is_set() if stop is not None else proc.poll() is not None):
         try:
             for line in status.read_text().splitlines():
                 if line.startswith("VmHWM:"):
