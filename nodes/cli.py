@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from fedprune.config import PARTITIONS, STATS_MODES, TIE_BREAKS
+from fedprune.memory import bound_heap
 
 from .errors import NodesError, NodeUsageError
 
@@ -202,6 +203,7 @@ def _cmd_simulate(args) -> int:
     if args.save_model and not args.study:
         check_output_dir(args.save_model, "--save-model")
 
+    bound_heap()  # before the model's first large allocation
     from fedprune.models import fingerprint, load_model
     from fedprune.simulate import DataConfig, RunSpec, prepare_data, run_study, study_grid
     from fedprune.streaming import CheckpointNamesError, StreamedModel, load_streamed, streamed_fingerprint
@@ -472,22 +474,6 @@ def _add_nodes(sub) -> None:
     p.set_defaults(func=_cmd_demo)
 
 
-def _bound_heap() -> None:
-    """Serve every allocation of 1 MiB or more straight from the OS, and give it back on
-    free (glibc's M_MMAP_THRESHOLD, fixed). glibc otherwise raises that threshold as large
-    blocks are freed and keeps later ones on its heap, which fragments: a streamed pass
-    over the blocks then grows the process by tens of MB per block. No-op elsewhere."""
-    import ctypes
-    import ctypes.util
-
-    if sys.platform != "linux":
-        return
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c")).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError, TypeError):
-        pass
-
-
 def _cmd_server(args) -> int:
     from .config import check_bindable, load_server_config
     from .files import check_output_dir
@@ -503,7 +489,7 @@ def _cmd_server(args) -> int:
         overrides["save_model"] = False
     cfg = load_server_config(args.config, overrides)
     check_bindable(cfg.listen)
-    _bound_heap()
+    bound_heap()
     check_output_dir(cfg.audit_dir, "audit_dir", create_parents=True)
     check_output_dir(cfg.output_dir, "output_dir", create_parents=True)
     from .server import FederationServer  # torch and gRPC: only once the configuration holds
@@ -541,7 +527,7 @@ def _cmd_client(args) -> int:
             check_readable_file(path, what)
     if args.save_model:
         check_output_dir(args.save_model, "--save-model")
-    _bound_heap()
+    bound_heap()
     from fedprune.data import check_source  # torch from here on
 
     from .client import ClientConfig, run_client
