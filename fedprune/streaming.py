@@ -14,7 +14,11 @@ shard per decoder block and one for everything else, with the index, the
 config and the tokenizer, so that ``from_pretrained`` loads it.
 
 GGUF files are converted once to safetensors (cached, see ``models``); hub ids
-resolve to their downloaded snapshot.
+resolve to their downloaded snapshot. MoE checkpoints published one tensor per
+expert (Mixtral's ``block_sparse_moe.experts.{e}.w1``, Qwen2/3-MoE's
+``mlp.experts.{e}.gate_proj``) stream too: each fused bank of the model
+(``experts.gate_up_proj``, ``experts.down_proj``) is assembled from them when its
+block loads, one expert at a time.
 """
 
 from __future__ import annotations
@@ -34,8 +38,9 @@ from .errors import ModelError
 
 
 class CheckpointNamesError(ModelError):
-    """The checkpoint's tensor names are not the model's (a layout that transformers converts
-    on loading, such as per-expert MoE checkpoints): it cannot be streamed as it is."""
+    """The checkpoint's tensor names or shapes are not the model's (a layout that transformers
+    converts on loading in a way this module does not repeat): it cannot be streamed as it is.
+    Per-expert MoE checkpoints are streamed (each fused bank assembled from its experts)."""
 
 
 class BlockSource(Protocol):
@@ -97,16 +102,101 @@ class SafetensorsCheckpoint:
         return out
 
 
-def _checkpoint_key(name: str, checkpoint: SafetensorsCheckpoint, prefix: str) -> str:
-    """The checkpoint's name for model parameter ``name`` (some omit the base-model prefix)."""
-    if name in checkpoint:
-        return name
-    if prefix and name.startswith(prefix + ".") and name[len(prefix) + 1 :] in checkpoint:
-        return name[len(prefix) + 1 :]
+# Fused expert banks (transformers' MoE layout: ``experts.gate_up_proj`` [E, 2I, H],
+# ``experts.down_proj`` [E, H, I]) are published, and written by save_pretrained, one
+# tensor per expert: expert e's rows are its parts concatenated (gate, then up).
+_EXPERT_PARTS = {
+    "gate_up_proj": (("gate_proj", "up_proj"), ("w1", "w3")),  # Qwen2/3-MoE, Mixtral
+    "down_proj": (("down_proj",), ("w2",)),
+}
+_MODULE_RENAMES = ((".mlp.", ".block_sparse_moe."),)  # Mixtral's checkpoint module name
+
+
+@dataclass(frozen=True)
+class ExpertBank:
+    """A fused expert parameter assembled from per-expert checkpoint tensors:
+    ``keys[e]`` are expert e's parts, concatenated along their first dimension."""
+
+    keys: tuple[tuple[str, ...], ...]
+
+    def assemble(
+        self, checkpoint: SafetensorsCheckpoint, device: torch.device, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """The [E, rows, cols] bank on ``device``, read one expert at a time (the bank and
+        one expert in memory, not two banks)."""
+        out = None
+        for e, keys in enumerate(self.keys):
+            parts = checkpoint.read(keys)
+            rows = sum(parts[k].shape[0] for k in keys)
+            if out is None:
+                shape = (len(self.keys), rows, *parts[keys[0]].shape[1:])
+                out = torch.empty(shape, dtype=dtype, device=device)
+            at = 0
+            for k in keys:
+                part = parts.pop(k)
+                out[e, at : at + len(part)].copy_(part)
+                at += len(part)
+        assert out is not None
+        return out
+
+
+def _name_variants(name: str, prefix: str) -> list[str]:
+    """The names a checkpoint may use for ``name``: as is, without the base-model prefix,
+    with Mixtral's module name."""
+    names = [name]
+    if prefix and name.startswith(prefix + "."):
+        names.append(name[len(prefix) + 1 :])
+    for old, new in _MODULE_RENAMES:
+        names += [n.replace(old, new) for n in names if old in n]
+    return names
+
+
+def _checkpoint_key(name: str, checkpoint: SafetensorsCheckpoint, prefix: str) -> str | ExpertBank:
+    """The checkpoint's name for model parameter ``name``, or for a fused expert bank the
+    per-expert tensors it is assembled from."""
+    variants = _name_variants(name, prefix)
+    for candidate in variants:
+        if candidate in checkpoint:
+            return candidate
+    stem, _, leaf = name.rpartition(".")
+    if stem.endswith(".experts") and leaf in _EXPERT_PARTS:
+        for base in _name_variants(stem, prefix):
+            for parts in _EXPERT_PARTS[leaf]:
+                count = 0
+                while all(f"{base}.{count}.{part}.weight" in checkpoint for part in parts):
+                    count += 1
+                if count:
+                    return ExpertBank(
+                        tuple(tuple(f"{base}.{e}.{part}.weight" for part in parts) for e in range(count))
+                    )
     raise CheckpointNamesError(
         f"{checkpoint.directory}: no tensor for parameter {name!r}; streaming needs a checkpoint "
         "whose tensor names are the model's (save it with save_pretrained)"
     )
+
+
+def _read_params(
+    model: nn.Module,
+    names: dict[str, str | ExpertBank],
+    checkpoint: SafetensorsCheckpoint,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> None:
+    """Materialize the parameters ``names`` (parameter -> checkpoint source) on ``device``."""
+    plain = {n: k for n, k in names.items() if isinstance(k, str)}
+    tensors = checkpoint.read(plain.values())
+    for name, source in names.items():
+        expected = model.get_parameter(name).shape
+        if isinstance(source, str):
+            value = tensors.pop(source).to(device=device, dtype=dtype)
+        else:
+            value = source.assemble(checkpoint, device, dtype)
+        if value.shape != expected:
+            raise CheckpointNamesError(
+                f"{checkpoint.directory}: parameter {name!r} is {tuple(expected)} in the model's "
+                f"configuration but {tuple(value.shape)} in the checkpoint"
+            )
+        _set_param(model, name, value)
 
 
 def _set_param(module: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -135,8 +225,8 @@ class StreamedModel:
     def num_blocks(self) -> int:
         return len(decoder_blocks(self.model))
 
-    def block_param_names(self, index: int) -> dict[str, str]:
-        """Full parameter name -> checkpoint key of block ``index``."""
+    def block_param_names(self, index: int) -> dict[str, str | ExpertBank]:
+        """Full parameter name -> checkpoint key (or per-expert keys) of block ``index``."""
         prefix = f"{blocks_path(self.model)}.{index}."
         block = decoder_blocks(self.model)[index]
         return {
@@ -150,9 +240,7 @@ class StreamedModel:
         names = self.block_param_names(index)
         if source is not self.checkpoint:
             names = {n: _checkpoint_key(n, source, self._prefix) for n in names}
-        tensors = source.read(names.values())
-        for name, key in names.items():
-            _set_param(self.model, name, tensors.pop(key).to(device=self.device, dtype=self.dtype))
+        _read_params(self.model, names, source, self.device, self.dtype)
 
     def free_block(self, index: int) -> None:
         """Turn block ``index``'s parameters back into meta tensors."""
@@ -176,7 +264,7 @@ class StreamedModel:
             out[name] = p.data
         return out
 
-    def _resident_names(self) -> dict[str, str]:
+    def _resident_names(self) -> dict[str, str | ExpertBank]:
         """Parameter name -> checkpoint key of everything outside the blocks (a tied head left out)."""
         path = blocks_path(self.model) + "."
         tied = bool(getattr(self.model.config, "tie_word_embeddings", False))
@@ -188,10 +276,7 @@ class StreamedModel:
 
     def load_resident(self) -> None:
         """Materialize the embeddings, the final norm and ``lm_head`` (``load_streamed`` does)."""
-        names = self._resident_names()
-        tensors = self.checkpoint.read(names.values())
-        for name, key in names.items():
-            _set_param(self.model, name, tensors.pop(key).to(device=self.device, dtype=self.dtype))
+        _read_params(self.model, self._resident_names(), self.checkpoint, self.device, self.dtype)
         if getattr(self.model.config, "tie_word_embeddings", False):
             self.model.lm_head.weight = self.model.get_input_embeddings().weight
 

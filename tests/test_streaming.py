@@ -28,9 +28,11 @@ def _windows(seed: int, n: int = 6) -> torch.Tensor:
     return torch.randint(0, VOCAB, (n, 16), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("arch", ["llama-gqa", "gemma2", "phi3", "opt"])
+@pytest.mark.parametrize("arch", ["llama-gqa", "gemma2", "phi3", "opt", *MOE])
 def test_streamed_one_shot_matches_in_memory_and_reloads(arch, tmp_path):
-    """Same final masks and pruned weights; the written copy loads with the expected sparsity."""
+    """Same final masks and pruned weights; the written copy loads with the expected sparsity.
+    MoE checkpoints hold one tensor per expert (as published and as save_pretrained writes
+    them): each fused bank is assembled from them block by block."""
     from transformers import AutoModelForCausalLM
 
     model = _saved(arch, tmp_path / "src")
@@ -108,10 +110,42 @@ def test_streamed_study_never_modifies_the_source_and_keeps_the_last_copy(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last", "src"]  # workspace removed
 
 
-@pytest.mark.parametrize("arch", MOE)
-def test_a_checkpoint_that_transformers_converts_on_loading_is_refused_by_name(arch, tmp_path):
-    """Per-expert MoE checkpoints are fused by transformers on loading: not streamable as is
-    (the command line then loads the whole model)."""
+def _drop_tensor(directory, key: str) -> None:
+    from safetensors.torch import load_file, save_file
+
+    path = directory / "model.safetensors"
+    tensors = load_file(path)
+    del tensors[key]
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize(
+    ("arch", "missing", "error"),
+    [
+        (
+            "mixtral",
+            "model.layers.1.block_sparse_moe.experts.3.w2.weight",
+            r"\(4, 32, 64\) in the model.*\(3, 32, 64\)",
+        ),
+        (
+            "qwen3-moe",
+            "model.layers.0.mlp.experts.0.up_proj.weight",
+            "no tensor for parameter 'model.layers.0.mlp.experts.gate_up_proj'",
+        ),
+        (
+            "llama-gqa",
+            "model.layers.1.mlp.down_proj.weight",
+            "no tensor for parameter 'model.layers.1.mlp.down_proj.weight'",
+        ),
+    ],
+)
+def test_a_checkpoint_that_lacks_a_tensor_is_refused_by_name(arch, missing, error, tmp_path):
+    """A missing expert shrinks its bank (refused by shape); a missing part or matrix is named."""
     _saved(arch, tmp_path / "src")
-    with pytest.raises(CheckpointNamesError, match="no tensor for parameter"):
-        load_streamed(str(tmp_path / "src"))
+    _drop_tensor(tmp_path / "src", missing)
+    sm = load_streamed(str(tmp_path / "src")) if "layers.1." in missing else None
+    with pytest.raises(CheckpointNamesError, match=error):
+        if sm is None:
+            load_streamed(str(tmp_path / "src"))
+        else:
+            sm.load_block(1)
