@@ -13,7 +13,11 @@ Before the call, here: ``mkdir -p .reference/FedPrLLM && git -C
 (``/.reference/`` is git-ignored; name ``.reference`` in the call's ``carry``). Needs
 only torch, transformers and numpy there (and ``fedprune`` from this repo, found
 through the script's own folder; no ``datasets``, no network). Results are written
-after every run, so a run cut off by the time limit leaves the finished ones in --out.
+after every run, so a run cut off by the time limit leaves the finished ones in --out
+(the reference's one-shot, the longest, runs last and logs each client; it can be rerun
+alone with ``--runs one-shot/reference``). The 6 to 8 minutes are an estimate from the
+FLOPs (about 0.9 TFLOP per block pass of a 2048-token window; the reference's one-shot
+makes 16 x 2 x 64 such passes per block), not yet a measurement.
 A CPU check: ``python3 benchmarks/reference_timing.py --reference DIR --shape tiny
 --nsamples 16 --seqlen 32 --clients 4 --threads 1``.
 
@@ -28,7 +32,11 @@ drawn from one seeded generator: normal(0, 0.02), norms 1; one warm-up forward):
    tie-break, batched statistics, no weight scaling;
 4. ``one-shot/ours-refsem``: the same with the reference's semantics (``tie_break`` and
    ``stats`` "reference", batch size 1), whose final masks must equal the reference's;
-5. ``one-shot/reference``: ``main.py --method fedprllm`` without its disk and evaluation
+5. ``one-shot/ours-streamed``, only when ``--runs`` names it: our one-shot as ``fedprune
+   simulate`` runs it: the fresh model saved as safetensors under ``--work`` (not timed;
+   13.5 GB for 7B, so likely still in the page cache), the skeleton loaded by
+   ``load_streamed``, then timed: every block read, pruned and written out pruned;
+6. ``one-shot/reference``: ``main.py --method fedprllm`` without its disk and evaluation
    steps: the int8 global masks, then per client ``prune_wanda_and_update_global_mask``
    and a weight restore, then ``prune_fedprllm_layer`` (its defaults: layer group, no
    weight scaling). Its weight restore is ``load_state_dict`` from a pinned host copy,
@@ -51,8 +59,9 @@ Shims, all in this script (the reference's files are only read):
   ``(input_ids, target)`` pairs its ``get_loaders`` returns).
 - ``model.seqlen`` and ``model.hf_device_map = {}``: set by ``main.py`` and by
   ``from_pretrained(device_map="auto")``, which the model here does not come from.
-- rotary position embeddings: transformers >= 4.48 computes them once in the model and
-  requires them as ``position_embeddings`` in every decoder layer call; the reference
+- rotary position embeddings: transformers 5 (here 5.24, 5.17 on the device image)
+  computes them once in the model and requires them as ``position_embeddings`` in every
+  decoder layer call (without: ``TypeError: cannot unpack non-iterable NoneType``); the reference
   passes only ``attention_mask`` and ``position_ids``. Each decoder layer's ``forward``
   is wrapped (on the reference's model only) to compute them from the model's
   ``rotary_emb`` when they are missing (older transformers did the same inside each
@@ -76,9 +85,10 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -87,18 +97,21 @@ if str(REPO) not in sys.path:
 
 from benchmarks.scale import SHAPES, _atomic_write  # noqa: E402
 
-RUNS = (
+ORDER = (
     "centralized/ours",
     "centralized/reference",
     "one-shot/ours",
     "one-shot/ours-refsem",
+    "one-shot/ours-streamed",  # only when --runs names it
     "one-shot/reference",
 )
+RUNS = tuple(r for r in ORDER if r != "one-shot/ours-streamed")  # the default
 REFERENCE_BUFFER = 128  # prepare_calibration_input's default datasize: at most this many windows
 LABELS = {
     "ours": "ours",
     "ours-refsem": "ours, reference tie-break + statistics, batch 1",
     "reference": "reference",
+    "ours-streamed": "ours, streamed from safetensors (`fedprune simulate`'s path)",
 }
 
 
@@ -280,6 +293,42 @@ def ours_run(model, kind: str, variant: str, windows, clients: list, args) -> Ca
     return run
 
 
+def streamed_run(model, windows, clients: list, args, device, work: Path) -> Callable[[], dict]:
+    """Our one-shot as ``fedprune simulate`` runs it: the model saved as safetensors (not
+    timed), its skeleton loaded by ``load_streamed``; timed: every block read from disk,
+    pruned and written out pruned (``PrunedWriter``), as simulate's ``--save-model``."""
+    from benchmarks.scale import _byte_tokenizer
+    from fedprune.config import PruneConfig
+    from fedprune.strategies import prune
+    from fedprune.streaming import PrunedWriter, load_streamed
+
+    source, pruned = work / "source", work / "pruned"
+    model.save_pretrained(source)
+    _byte_tokenizer().save_pretrained(source)
+    lm = load_streamed(str(source), args.dtype, str(device))
+    config = PruneConfig(args.sparsity, seed=args.seed, batch_size=args.batch_size)
+
+    def run() -> dict:
+        writer = PrunedWriter(lm, pruned)
+        result = prune(
+            lm.model,
+            clients,
+            config,
+            "one-shot",
+            progress=False,
+            nsamples=args.nsamples,
+            blocks=lm.blocks(on_release=writer.write_block),
+            keep_masks=False,
+        )
+        writer.finish()
+        return {
+            k: v for k, v in result.timings.items() if k in ("calibration", "selection", "load", "release")
+        }
+
+    run.pruned_dir = pruned  # type: ignore[attr-defined]  (read back for the mask comparison)
+    return run
+
+
 # ---- the model, the data, the masks ------------------------------------------------------
 
 
@@ -321,21 +370,30 @@ def calibration(args):
 _BITS = None
 
 
-def pruned_pattern(model) -> dict:
-    """Which weights are zero, per prunable matrix, bit-packed on the host (8x smaller)."""
+def pruned_pattern(weights: Iterable[tuple[str, object]]) -> dict:
+    """Which weights are zero, per prunable matrix ((name, weight) pairs), bit-packed on the
+    host (8x smaller)."""
     import torch
 
-    from fedprune.models import prunable_weights
-
     packed = {}
-    for name, weight in prunable_weights(model).items():
+    for name, weight in weights:
         bits = (weight == 0).flatten()
         pad = (-bits.numel()) % 8
         if pad:
             bits = torch.cat([bits, bits.new_zeros(pad)])
         shifts = torch.arange(8, device=bits.device, dtype=torch.uint8)
-        packed[name] = (bits.view(-1, 8).to(torch.uint8) << shifts).sum(1, dtype=torch.uint8).cpu()
+        packed[name] = (bits.view(-1, 8).to(torch.uint8) << shifts).sum(1).to(torch.uint8).cpu()
     return packed
+
+
+def saved_weights(directory: Path, names, device) -> Iterator[tuple[str, object]]:
+    """The prunable matrices of a saved model, one at a time (on the device)."""
+    from safetensors import safe_open
+
+    index = json.loads((directory / "model.safetensors.index.json").read_text())["weight_map"]
+    for name in names:
+        with safe_open(str(directory / index[name + ".weight"]), framework="pt", device=str(device)) as f:
+            yield name, f.get_tensor(name + ".weight")
 
 
 def popcount(pattern: dict) -> int:
@@ -414,15 +472,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8, help="our windows per forward pass")
-    p.add_argument("--runs", default=",".join(RUNS), help=f"a subset of {','.join(RUNS)}")
+    p.add_argument("--runs", default=",".join(RUNS), help=f"a subset of {','.join(ORDER)}")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU checks)")
+    p.add_argument("--work", default=None, help="scratch folder for the streamed run's safetensors")
     p.add_argument("--out", type=Path, default=None, help="folder for reference_timing.md / .json")
     return p.parse_args(argv)
 
 
 def check_args(args) -> list[str]:
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
-    unknown = [r for r in runs if r not in RUNS]
+    unknown = [r for r in runs if r not in ORDER]
     if unknown or not runs:
         raise BenchmarkError(
             f"--runs: unknown run {unknown[0] if unknown else '(none)'}; choose from {', '.join(RUNS)}"
@@ -435,7 +494,7 @@ def check_args(args) -> list[str]:
         )
     if not 0.0 < args.sparsity < 1.0:
         raise BenchmarkError(f"--sparsity must be in (0, 1), got {args.sparsity}")
-    return [r for r in RUNS if r in runs]  # always in the documented order
+    return [r for r in ORDER if r in runs]  # always in the documented order
 
 
 def main(argv=None) -> int:
@@ -459,6 +518,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     import fedprune
+    from fedprune.models import prunable_weights
 
     prune_py = args.reference / "lib" / "prune.py"
     meta = {
@@ -494,24 +554,35 @@ def main(argv=None) -> int:
         kind, code = name.split("/")
         log(f"{name}: building the model")
         model = build_model(args, device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        if code == "reference":
-            timed = reference_run(ref, model, kind, windows, clients, args, device)
-        else:
-            timed = ours_run(model, kind, code, windows, clients, args)
-        log(f"{name}: running")
-        sync(device)
-        start = time.perf_counter()
-        extra = timed()
-        sync(device)
-        wall = time.perf_counter() - start
-        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-        patterns[name] = pruned_pattern(model)
         if total is None:
-            from fedprune.models import prunable_weights
-
+            names = list(prunable_weights(model))
             total = sum(w.numel() for w in prunable_weights(model).values())
+        with tempfile.TemporaryDirectory(prefix="reference-timing-", dir=args.work) as work:
+            if code == "reference":
+                timed = reference_run(ref, model, kind, windows, clients, args, device)
+            elif code == "ours-streamed":
+                log(f"{name}: saving the model as safetensors (not timed)")
+                timed = streamed_run(model, windows, clients, args, device, Path(work))
+                del model  # the timed run holds only the streamed skeleton and one block
+                model = None
+                free(device)
+            else:
+                timed = ours_run(model, kind, code, windows, clients, args)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            log(f"{name}: running")
+            sync(device)
+            start = time.perf_counter()
+            extra = timed()
+            sync(device)
+            wall = time.perf_counter() - start
+            peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+            if model is None:
+                patterns[name] = pruned_pattern(saved_weights(timed.pruned_dir, names, device))
+            else:
+                patterns[name] = pruned_pattern(prunable_weights(model).items())
+            del model, timed
+            free(device)
         pruned = popcount(patterns[name])
         rows.append(
             {
@@ -527,14 +598,18 @@ def main(argv=None) -> int:
             f"{name}: {wall:.1f} s, sparsity {pruned / total:.4f}"
             + (f", peak GPU {peak / 2**30:.2f} GiB" if peak else "")
         )
-        del model
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
         comparisons += compare(patterns, kind, total)
         table = write(args.out, rows, comparisons, {**meta, "finished": len(rows) == len(runs)})
     print(table, end="")
     return 0
+
+
+def free(device) -> None:
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def compare(patterns: dict, kind: str, total: int) -> list[dict]:
