@@ -236,9 +236,11 @@ def reference_run(ref, model, kind: str, windows, clients: list, args, device) -
         return centralized
 
     loaders = [reference_loader(client) for client in clients]
-    original = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-    if device.type == "cuda":
-        original = {k: v.pin_memory() for k, v in original.items()}
+    pinned = device.type == "cuda"  # a pinned host copy: the fastest restore a GPU allows
+    original = {
+        k: torch.empty(v.shape, dtype=v.dtype, pin_memory=pinned).copy_(v)
+        for k, v in model.state_dict().items()
+    }
 
     def one_shot() -> dict:
         """main.py --method fedprllm: global masks, clients with a weight restore each, selection."""
@@ -293,7 +295,7 @@ def ours_run(model, kind: str, variant: str, windows, clients: list, args) -> Ca
     return run
 
 
-def streamed_run(model, windows, clients: list, args, device, work: Path) -> Callable[[], dict]:
+def streamed_run(model, clients: list, args, device, work: Path) -> Callable[[], dict]:
     """Our one-shot as ``fedprune simulate`` runs it: the model saved as safetensors (not
     timed), its skeleton loaded by ``load_streamed``; timed: every block read from disk,
     pruned and written out pruned (``PrunedWriter``), as simulate's ``--save-model``."""
@@ -562,7 +564,7 @@ def main(argv=None) -> int:
                 timed = reference_run(ref, model, kind, windows, clients, args, device)
             elif code == "ours-streamed":
                 log(f"{name}: saving the model as safetensors (not timed)")
-                timed = streamed_run(model, windows, clients, args, device, Path(work))
+                timed = streamed_run(model, clients, args, device, Path(work))
                 del model  # the timed run holds only the streamed skeleton and one block
                 model = None
                 free(device)
