@@ -429,7 +429,8 @@ def markdown(rows: list[dict], comparisons: list[dict], meta: dict) -> str:
     lines = [
         f"{meta['shape']} shape, {meta['dtype']}, {meta['device_name']}; {meta['nsamples']} windows x "
         f"{meta['seqlen']} tokens, {meta['clients']} clients (one-shot), sparsity {meta['sparsity']}, "
-        f"seed {meta['seed']}; torch {meta['torch']}, transformers {meta['transformers']}",
+        f"seed {meta['seed']}; torch {meta['torch']}, transformers {meta['transformers']}"
+        + (f"; {meta['threads']} CPU threads" if meta["device"] == "cpu" else ""),
         "",
         "| run | code | wall s | ours / reference | peak GPU GiB |",
         "|---|---|---|---|---|",
