@@ -223,7 +223,7 @@ def test_bad_signature_wrong_fingerprint_and_wrong_certificate_are_refused(world
         "fingerprint",
         clients=["a", "b", "c"],
         client_args={"c": ["--model", str(world / "other-model")]},
-        server_toml=["join_deadline_s = 40"],
+        server_toml=["join_deadline_s = 25"],
     )
     assert codes["c"] != 0 and "fingerprint" in _last_line(logs, "c")
     code, codes, report, logs, _ = _run(
@@ -231,7 +231,7 @@ def test_bad_signature_wrong_fingerprint_and_wrong_certificate_are_refused(world
         "tls",
         clients=["a", "b", "c"],
         client_args={"c": ["--tls-cert", str(certs / "x.crt"), "--tls-key", str(certs / "x.tls.key")]},
-        server_toml=["join_deadline_s = 40"],
+        server_toml=["join_deadline_s = 25"],
     )
     assert codes["c"] != 0 and "TLS certificate" in _last_line(logs, "c")
 
