@@ -21,13 +21,21 @@ import sys
 
 
 @functools.cache
-def _malloc_trim():
+def _libc() -> ctypes.CDLL | None:
+    """glibc, on Linux; None elsewhere."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+@functools.cache
+def _malloc_trim():
+    libc = _libc()
+    trim = getattr(libc, "malloc_trim", None)  # not glibc (musl has no malloc_trim)
+    if trim is None:
         return None
     trim.argtypes = [ctypes.c_size_t]
     trim.restype = ctypes.c_int
@@ -47,10 +55,6 @@ def bound_heap() -> None:
     blocks are freed (up to 32 MiB) and keeps later ones on its heap, which fragments: a
     streamed pass over the blocks then grows the process by tens of MB per block.
     No-op elsewhere."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError, TypeError):
-        pass
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is not None:
+        mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
