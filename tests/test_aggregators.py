@@ -132,6 +132,29 @@ def _world(vectors_by_client, lane_bits, input_bound, secure, silent=frozenset()
     return FakeFederation(clients, silent), roster
 
 
+def _aggregator(fed, roster, secure, lane_bits, input_bound, values, work_dir):
+    """The aggregator under test, with the coordinator's minimum of 2 complete inputs."""
+    if secure:
+        return SecureAggregator(
+            fed,
+            session_id=SESSION,
+            roster=roster,
+            threshold=2,
+            lane_bits=lane_bits,
+            chunk_elems=CHUNK,
+            neighbours=None,
+            work_dir=work_dir,
+            input_bound=input_bound,
+            values=values,
+        )
+    return PlainAggregator(fed, lane_bits=lane_bits, chunk_elems=CHUNK, min_clients=2)
+
+
+def _start_round(fed, rnd, length):
+    for cid in fed.alive():  # what the coordinator sends before it asks for the sum
+        fed.send(cid, round_start=pb.RoundStart(round=rnd, offset=0, length=length))
+
+
 @pytest.mark.parametrize(
     ("secure", "lane_bits", "input_bound"),
     [(False, 1, 1), (True, 2, 1), (False, 4, 3), (True, 4, 3)],  # votes of 3 clients; values 0..3
@@ -145,24 +168,9 @@ def test_every_round_sums_its_own_length_at_the_configured_lane_width(
     lengths = [1000, 300]
     vectors = {c: [rng.integers(0, input_bound + 1, n).astype(np.uint8) for n in lengths] for c in "abc"}
     fed, roster = _world(vectors, lane_bits, input_bound, secure)
-    if secure:
-        agg = SecureAggregator(
-            fed,
-            session_id=SESSION,
-            roster=roster,
-            threshold=2,
-            lane_bits=lane_bits,
-            chunk_elems=CHUNK,
-            neighbours=None,
-            work_dir=tmp_path,
-            input_bound=input_bound,
-            values="test values",
-        )
-    else:
-        agg = PlainAggregator(fed, lane_bits=lane_bits, chunk_elems=CHUNK, min_clients=2)
+    agg = _aggregator(fed, roster, secure, lane_bits, input_bound, "test values", tmp_path)
     for rnd, length in enumerate(lengths):
-        for cid in fed.alive():  # what the coordinator sends before it asks for the sum
-            fed.send(cid, round_start=pb.RoundStart(round=rnd, offset=0, length=length))
+        _start_round(fed, rnd, length)
         sums, contributors = agg.aggregate(rnd, length)
         assert contributors == [0, 1, 2]
         assert np.array_equal(sums, sum(vectors[c][rnd].astype(np.int64) for c in "abc"))
@@ -179,8 +187,7 @@ def test_plain_round_with_too_few_complete_vectors_aborts():
     vectors = {c: [np.ones(500, dtype=np.uint8)] for c in "abc"}
     fed, _ = _world(vectors, 1, 1, secure=False, silent={"b", "c"})
     agg = PlainAggregator(fed, lane_bits=1, chunk_elems=CHUNK, min_clients=2)
-    for cid in fed.alive():
-        fed.send(cid, round_start=pb.RoundStart(round=0, offset=0, length=500))
+    _start_round(fed, 0, 500)
     with pytest.raises(FederationAborted, match="only 1 complete masks, at least 2 needed"):
         agg.aggregate(0, 500)
 
@@ -194,23 +201,8 @@ def test_64_bit_ring_inputs_sum_modulo_2_64(secure, tmp_path):
     vectors = {c: [rng.integers(0, 2**64, length, dtype=np.uint64, endpoint=False)] for c in "abc"}
     vectors["a"][0][:3] = [2**64 - 1, 2**63, 5]  # wraps: -1 + ... and the sign bit
     fed, roster = _world(vectors, 64, 2**64 - 1, secure)
-    if secure:
-        agg = SecureAggregator(
-            fed,
-            session_id=SESSION,
-            roster=roster,
-            threshold=2,
-            lane_bits=64,
-            chunk_elems=CHUNK,
-            neighbours=None,
-            work_dir=tmp_path,
-            input_bound=2**64 - 1,
-            values="statistics",
-        )
-    else:
-        agg = PlainAggregator(fed, lane_bits=64, chunk_elems=CHUNK, min_clients=2)
-    for cid in fed.alive():
-        fed.send(cid, round_start=pb.RoundStart(round=0, offset=0, length=length))
+    agg = _aggregator(fed, roster, secure, 64, 2**64 - 1, "statistics", tmp_path)
+    _start_round(fed, 0, length)
     sums, contributors = agg.aggregate(0, length)
     expected = vectors["a"][0].copy()
     for c in "bc":
