@@ -26,12 +26,16 @@ result is deterministic for a given seed.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import torch
 
 from .config import PruneConfig
 from .errors import PruningConfigError
+
+_T = TypeVar("_T")
 
 _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15  # splitmix64's increment
@@ -57,6 +61,7 @@ def _splitmix64(z: int) -> int:
 # across threads, each of the ~600 small ops of a large layer waits at a barrier for the
 # slowest thread, which on a loaded machine (threads descheduled) made keying 10-100x slower.
 _CHUNK = 1 << 15
+_SPAN = 1 << 17  # values per thread at least: fewer are worked on by the calling thread
 
 
 def tie_keys(seed: int, salt: int, flat_index: torch.Tensor) -> torch.Tensor:
@@ -67,23 +72,68 @@ def tie_keys(seed: int, salt: int, flat_index: torch.Tensor) -> torch.Tensor:
     on nothing but (seed, salt, i), not on which other weights are keyed. Computed
     with int64 wrap-around arithmetic, which is the same on every device (CPU, CUDA).
     """
+    return _hash_bits(seed, salt, flat_index, 32, torch.int64)
+
+
+_BUCKET_BITS = 16  # the radix select's buckets: the keys' top 16 bits
+
+
+def _tie_buckets(seed: int, salt: int, flat_index: torch.Tensor) -> torch.Tensor:
+    """``tie_keys(...) >> 16`` as int32: the radix bucket of each key, without the key."""
+    return _hash_bits(seed, salt, flat_index, 32 + _BUCKET_BITS, torch.int32)
+
+
+def _hash_bits(seed: int, salt: int, flat_index: torch.Tensor, drop: int, dtype: torch.dtype) -> torch.Tensor:
+    """The top ``64 - drop`` bits of the tie hash of every index, as ``dtype``.
+
+    On the CPU spans of the index are hashed concurrently, one per torch thread
+    (torch releases the GIL in each op), each in cache-sized chunks.
+    """
     base = _signed(_splitmix64(_splitmix64(seed) ^ (salt & _MASK64)))
     flat_index = flat_index.to(torch.int64)
-    out = torch.empty_like(flat_index)
+    out = torch.empty(flat_index.shape, dtype=dtype, device=flat_index.device)
     chunk = _CHUNK if flat_index.device.type == "cpu" else max(1, len(flat_index))
-    tmp = torch.empty(min(chunk, len(flat_index)), dtype=torch.int64, device=flat_index.device)
+    _on_spans(lambda a, b: _hash_span(base, flat_index[a:b], out[a:b], drop, chunk), flat_index)
+    return out
+
+
+def _on_spans(work: Callable[[int, int], _T], values: torch.Tensor) -> list[_T]:
+    """``work(start, stop)`` over contiguous spans of ``values`` (1-D): on the CPU one span
+    per torch thread, run concurrently (torch releases the GIL in each op); elsewhere,
+    and for fewer than ``_SPAN`` values per thread, one span on the calling thread."""
+    length = len(values)
+    parts = 1 if values.device.type != "cpu" else max(1, min(torch.get_num_threads(), length // _SPAN))
+    if parts == 1:
+        return [work(0, length)]
+    bounds = [length * p // parts for p in range(parts + 1)]
+    with ThreadPoolExecutor(parts) as pool:
+        return list(pool.map(work, bounds[:-1], bounds[1:]))
+
+
+def _bincount(values: torch.Tensor, minlength: int = 0) -> torch.Tensor:
+    """``torch.bincount`` of a 1-D tensor, its spans counted concurrently on the CPU."""
+    parts = _on_spans(lambda a, b: torch.bincount(values[a:b], minlength=minlength), values)
+    total = torch.zeros(max(len(p) for p in parts), dtype=torch.int64, device=values.device)
+    for part in parts:
+        total[: len(part)] += part
+    return total
+
+
+def _hash_span(base: int, flat_index: torch.Tensor, out: torch.Tensor, drop: int, chunk: int) -> None:
+    """``_hash_bits`` of ``flat_index`` into ``out``, ``chunk`` indices at a time."""
+    size = min(chunk, len(flat_index))
+    z_buf, t_buf = (torch.empty(size, dtype=torch.int64, device=flat_index.device) for _ in range(2))
     for start in range(0, len(flat_index), chunk):
-        z = out[start : start + chunk]
-        t = tmp[: len(z)]
-        torch.add(flat_index[start : start + chunk], 1, out=z)
-        z.mul_(_signed(_GOLDEN)).add_(base)
+        index = flat_index[start : start + chunk]
+        z, t = z_buf[: len(index)], t_buf[: len(index)]
+        torch.mul(index, _signed(_GOLDEN), out=z).add_(_signed(base + _GOLDEN))  # counter (i+1)*golden
         for shift, mix in ((30, _MIX1), (27, _MIX2)):
             _xor_shifted(z, t, shift)
             z.mul_(_signed(mix))
-        _xor_shifted(z, t, 31)
-        torch.bitwise_right_shift(z, 32, out=t)  # the high half, as a non-negative int64
-        z.copy_(t.bitwise_and_(0xFFFFFFFF))
-    return out
+        if drop < 33:  # the last step, z ^= z >>> 31, changes none of the top 33 bits
+            _xor_shifted(z, t, 31)
+        torch.bitwise_right_shift(z, drop, out=t)  # the top bits, as a non-negative int64
+        out[start : start + chunk] = t.bitwise_and_((1 << (64 - drop)) - 1)
 
 
 def _xor_shifted(z: torch.Tensor, tmp: torch.Tensor, bits: int) -> None:
@@ -181,9 +231,12 @@ def select_final_mask(
         return mask.reshape(shape)
     index = tied.reshape(-1).nonzero().squeeze(1)  # row-major flat index
     del tied
-    key = _tie_key(config, index, weight, salt)
-    room_per_group = torch.tensor([room]) if dim is None else room
-    take = _first_in_groups(key, _group_of(index, shape, config), room_per_group)
+    if dim is None and config.tie_break == "random":
+        take = _first_by_bucket(index, room, config.seed, salt)
+    else:
+        key = _tie_key(config, index, weight, salt)
+        room_per_group = torch.tensor([room]) if dim is None else room
+        take = _first_in_groups(key, _group_of(index, shape, config), room_per_group)
     mask.reshape(-1).scatter_(0, index, take)  # the tied weights (not pruned yet) get ``take``
     return mask.reshape(shape)
 
@@ -326,9 +379,26 @@ def _first_in_groups(key: torch.Tensor, group: torch.Tensor | None, room: torch.
     return take
 
 
+def _first_by_bucket(index: torch.Tensor, room: int, seed: int, salt: int) -> torch.Tensor:
+    """``_first_in_groups`` for one group keyed by ``tie_keys`` (the layer group's random
+    tie-break), from the keys' buckets alone: the edge bucket is one number, so each
+    entry is judged by comparing its bucket with it, and only the edge bucket's few
+    entries are keyed in full and sorted."""
+    bucket = _tie_buckets(seed, salt, index)
+    seen = _bincount(bucket, minlength=1 << _BUCKET_BITS).cumsum(0)
+    edge = int(torch.searchsorted(seen, torch.tensor([room], device=seen.device)))
+    left = room - (int(seen[edge - 1]) if edge else 0)
+    take = bucket < edge
+    at = (bucket == edge).nonzero().squeeze(1)
+    del bucket
+    at = at[torch.sort(tie_keys(seed, salt, index[at]), stable=True).indices]  # ``at`` ascends
+    take[at[:left]] = True
+    return take
+
+
 def _threshold_and_above(counts: torch.Tensor, rank: int) -> tuple[int, int]:
     """The ``rank``-th highest count (1-based) and how many counts exceed it, from a histogram."""
-    at_least = torch.bincount(counts.reshape(-1)).flip(0).cumsum(0).flip(0)  # at_least[v] = #(count >= v)
+    at_least = _bincount(counts.reshape(-1)).flip(0).cumsum(0).flip(0)  # at_least[v] = #(count >= v)
     threshold = int((at_least >= rank).sum()) - 1
     return threshold, int(at_least[threshold + 1]) if threshold + 1 < len(at_least) else 0
 
@@ -362,9 +432,19 @@ def _reference_fill(counts: torch.Tensor, k: int, fill: torch.Generator) -> torc
     return mask
 
 
+_SAME_SIZE_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 def apply_mask(weight: torch.Tensor, mask: torch.Tensor) -> None:
-    """Zero the pruned weights in place."""
-    weight.masked_fill_(mask.to(weight.device), 0)
+    """Zero the pruned weights in place (as +0.0, kept weights bit for bit).
+
+    By multiplying the weights' bit patterns with the kept mask: several times
+    faster on the CPU than ``masked_fill_``, which is the pruning of a large layer's
+    slowest step.
+    """
+    keep = mask.to(weight.device).logical_not()
+    bits = weight.view(_SAME_SIZE_INT[weight.element_size()]) if weight.is_floating_point() else weight
+    bits.mul_(keep)
 
 
 def scale_retained(weight: torch.Tensor, vote_counts: torch.Tensor, num_clients: int) -> None:

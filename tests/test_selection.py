@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from fedprune.config import PruneConfig
 from fedprune.errors import PruningConfigError
-from fedprune.selection import LayerSalts, scale_retained, select_final_mask, tie_keys
+from fedprune.selection import LayerSalts, apply_mask, scale_retained, select_final_mask, tie_keys
 
 
 def _counts(rows, cols, clients, seed):
@@ -202,6 +202,24 @@ def test_tie_keys_are_the_counter_hash_on_every_device(device):
     assert torch.equal(tie_keys(7, 123, torch.tensor(index[5:9], device=device)), got[5:9])
 
 
+def test_tie_keys_split_over_threads_and_chunks_are_the_same_keys(monkeypatch):
+    """On the CPU the index is hashed in spans (one per thread) of small chunks: the keys,
+    their radix buckets and the masks are those of the plain definition."""
+    import fedprune.selection as selection
+
+    index = list(range(3, 3000, 7)) + [2**33 + 1]
+    expected = _reference_splitmix_keys(11, 4, index)
+    counts = _counts(40, 50, 2, 17)
+    cfg = PruneConfig(0.5, seed=11)
+    whole = select_final_mask(counts, cfg, salt=4)
+    monkeypatch.setattr(selection, "_SPAN", 64)
+    monkeypatch.setattr(selection, "_CHUNK", 24)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    assert tie_keys(11, 4, torch.tensor(index)).tolist() == expected
+    assert selection._tie_buckets(11, 4, torch.tensor(index)).tolist() == [k >> 16 for k in expected]
+    assert torch.equal(select_final_mask(counts, cfg, salt=4), whole)
+
+
 @pytest.mark.parametrize("group", ["layer", "row", "column"])
 def test_random_tie_break_orders_by_votes_then_hash_key_then_index(group):
     """The mask is the first k of (most votes, smallest hash key of the flat index, lowest index)."""
@@ -256,3 +274,21 @@ def test_radix_select_of_massive_ties_is_the_full_lexicographic_sort(group, tie_
     for g, (v, key) in enumerate(zip(view(counts.int().numpy()), view(keys), strict=True)):
         expected[g, np.lexsort((key, -v))[:k]] = True
     assert np.array_equal(view(mask.numpy()), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_apply_mask_zeroes_exactly_the_pruned_weights_and_keeps_the_rest_bit_for_bit(dtype):
+    """Pruned weights become +0.0 (whatever they were: -0.0, NaN, inf); kept ones are untouched,
+    also through a strided view into a larger parameter (an expert's slot in a fused bank)."""
+    gen = torch.Generator().manual_seed(3)
+    bank = torch.randn(3, 6, 8, generator=gen).to(dtype)
+    bank[1, 0, :4] = torch.tensor([float("nan"), float("inf"), -0.0, float("-inf")], dtype=dtype)
+    before = bank.clone()
+    weight = bank[1].t()  # a non-contiguous view, as expert slots are
+    mask = torch.rand(8, 6, generator=gen) < 0.5
+    mask[:2, 0] = torch.tensor([True, False])  # prune the NaN, keep the inf
+    apply_mask(weight, mask)
+    pruned = weight[mask]
+    assert torch.equal(pruned.float(), torch.zeros(len(pruned))) and not torch.signbit(pruned).any()
+    assert torch.equal(weight[~mask].view(torch.uint8), before[1].t()[~mask].view(torch.uint8))
+    assert torch.equal(bank[[0, 2]].view(torch.uint8), before[[0, 2]].view(torch.uint8))
