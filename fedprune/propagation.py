@@ -26,6 +26,7 @@ from .architectures import (
     routed_expert_inputs,
 )
 from .config import StatsMode
+from .selection import apply_mask
 from .wanda import InputNormStats
 
 
@@ -179,7 +180,7 @@ class BlockRunner:
         try:
             for name, mask in (masks or {}).items():
                 dense[name] = matrices[name].clone()
-                matrices[name].masked_fill_(mask.to(matrices[name].device), 0)
+                apply_mask(matrices[name], mask)
             return self._run(index, hidden)
         finally:
             for name, weight in dense.items():
