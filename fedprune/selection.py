@@ -26,16 +26,12 @@ result is deterministic for a given seed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
 from .config import PruneConfig
 from .errors import PruningConfigError
-
-_T = TypeVar("_T")
 
 _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15  # splitmix64's increment
@@ -61,7 +57,6 @@ def _splitmix64(z: int) -> int:
 # across threads, each of the ~600 small ops of a large layer waits at a barrier for the
 # slowest thread, which on a loaded machine (threads descheduled) made keying 10-100x slower.
 _CHUNK = 1 << 15
-_SPAN = 1 << 17  # values per thread at least: fewer are worked on by the calling thread
 
 
 def tie_keys(seed: int, salt: int, flat_index: torch.Tensor) -> torch.Tensor:
@@ -84,43 +79,11 @@ def _tie_buckets(seed: int, salt: int, flat_index: torch.Tensor) -> torch.Tensor
 
 
 def _hash_bits(seed: int, salt: int, flat_index: torch.Tensor, drop: int, dtype: torch.dtype) -> torch.Tensor:
-    """The top ``64 - drop`` bits of the tie hash of every index, as ``dtype``.
-
-    On the CPU spans of the index are hashed concurrently, one per torch thread
-    (torch releases the GIL in each op), each in cache-sized chunks.
-    """
+    """The top ``64 - drop`` bits of the tie hash of every index, as ``dtype``."""
     base = _signed(_splitmix64(_splitmix64(seed) ^ (salt & _MASK64)))
     flat_index = flat_index.to(torch.int64)
     out = torch.empty(flat_index.shape, dtype=dtype, device=flat_index.device)
     chunk = _CHUNK if flat_index.device.type == "cpu" else max(1, len(flat_index))
-    _on_spans(lambda a, b: _hash_span(base, flat_index[a:b], out[a:b], drop, chunk), flat_index)
-    return out
-
-
-def _on_spans(work: Callable[[int, int], _T], values: torch.Tensor) -> list[_T]:
-    """``work(start, stop)`` over contiguous spans of ``values`` (1-D): on the CPU one span
-    per torch thread, run concurrently (torch releases the GIL in each op); elsewhere,
-    and for fewer than ``_SPAN`` values per thread, one span on the calling thread."""
-    length = len(values)
-    parts = 1 if values.device.type != "cpu" else max(1, min(torch.get_num_threads(), length // _SPAN))
-    if parts == 1:
-        return [work(0, length)]
-    bounds = [length * p // parts for p in range(parts + 1)]
-    with ThreadPoolExecutor(parts) as pool:
-        return list(pool.map(work, bounds[:-1], bounds[1:]))
-
-
-def _bincount(values: torch.Tensor, minlength: int = 0) -> torch.Tensor:
-    """``torch.bincount`` of a 1-D tensor, its spans counted concurrently on the CPU."""
-    parts = _on_spans(lambda a, b: torch.bincount(values[a:b], minlength=minlength), values)
-    total = torch.zeros(max(len(p) for p in parts), dtype=torch.int64, device=values.device)
-    for part in parts:
-        total[: len(part)] += part
-    return total
-
-
-def _hash_span(base: int, flat_index: torch.Tensor, out: torch.Tensor, drop: int, chunk: int) -> None:
-    """``_hash_bits`` of ``flat_index`` into ``out``, ``chunk`` indices at a time."""
     size = min(chunk, len(flat_index))
     z_buf, t_buf = (torch.empty(size, dtype=torch.int64, device=flat_index.device) for _ in range(2))
     for start in range(0, len(flat_index), chunk):
@@ -134,6 +97,7 @@ def _hash_span(base: int, flat_index: torch.Tensor, out: torch.Tensor, drop: int
             _xor_shifted(z, t, 31)
         torch.bitwise_right_shift(z, drop, out=t)  # the top bits, as a non-negative int64
         out[start : start + chunk] = t.bitwise_and_((1 << (64 - drop)) - 1)
+    return out
 
 
 def _xor_shifted(z: torch.Tensor, tmp: torch.Tensor, bits: int) -> None:
@@ -198,7 +162,8 @@ def select_final_mask(
     needed only by the ``reference`` tie-break in the layer group.
 
     Per group, every weight above the threshold count (the k-th highest, from a
-    histogram of the counts) is pruned; the remaining slots go to the weights
+    histogram of the counts, or for the layer a sample's, proven by the counts)
+    is pruned; the remaining slots go to the weights
     tied at the threshold in tie-break order. Only those tied weights are ever
     keyed, and the ones to take are found by a radix select on their keys, not
     a sort. Everything works on the layer in its own (row-major) layout, in
@@ -218,9 +183,11 @@ def select_final_mask(
     view, dim, k = _member_view(counts, config)
     if k == 0:
         return torch.zeros(shape, dtype=torch.bool, device=counts.device)
-    threshold, room = _thresholds(view, dim, k)
-    mask = view > threshold
-    tied = view == threshold
+    if dim is None:
+        threshold, room, mask, tied = _split_layer(view, k)
+    else:
+        threshold, room = _thresholds(view, dim, k)
+        mask, tied = view > threshold, view == threshold
     if config.tie_break in ("index", "reference"):  # lowest index first
         if dim is None:
             if room:
@@ -272,16 +239,40 @@ _HIST_CELLS = 1 << 24  # per-group count histograms up to this size; kthvalue be
 _HIST_CHUNK = 1 << 20  # counts binned this many at a time (bounded temporaries)
 
 
-def _thresholds(view: torch.Tensor, dim: int | None, k: int) -> tuple[torch.Tensor | int, torch.Tensor | int]:
-    """Every group's threshold (its k-th highest count), shaped to broadcast against
-    ``view``, and its room: how many of its weights tied at the threshold are pruned.
+_SAMPLE = 1 << 16  # counts sampled to guess the layer's threshold
+
+
+def _split_layer(counts: torch.Tensor, k: int) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+    """The layer group's threshold (its k-th highest count), its room, and the counts above
+    it and at it (boolean), all of the flat layer ``counts``.
+
+    The threshold is guessed from a strided sample's histogram and proven by the two
+    comparisons that are needed anyway: it is right exactly when fewer than k counts
+    exceed it and at least k reach it. Otherwise (the k-th count sits at the edge of
+    two values) it is read from the full histogram. Either way the exact threshold:
+    the guess only saves the full histogram, a layer's slowest pass on the CPU.
+    """
+    if len(counts) >= 4 * _SAMPLE:
+        sample = counts[:: len(counts) // _SAMPLE]
+        guess = _threshold(sample, max(1, round(k * len(sample) / len(counts))))
+        above, tied = counts > guess, counts == guess
+        over, at = int(torch.count_nonzero(above)), int(torch.count_nonzero(tied))
+        if over < k <= over + at:
+            return guess, k - over, above, tied
+        del above, tied
+    threshold, room = _threshold_and_above_room(counts, k)
+    return threshold, room, counts > threshold, counts == threshold
+
+
+def _thresholds(view: torch.Tensor, dim: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every row, column or N:M group's threshold (its k-th highest count along ``dim``),
+    shaped to broadcast against ``view``, and its room: how many of its weights tied
+    at the threshold are pruned (the layer group: ``_split_layer``).
 
     From histograms of the counts (few distinct values: 0..m); a selection
     (``kthvalue``) where the histograms would be too large (many small N:M
     groups, very many clients).
     """
-    if dim is None:
-        return _threshold_and_above_room(view, k)
     values = int(view.max()) + 1 if view.numel() else 1
     groups = view.numel() // view.shape[dim]
     if dim == 2 or groups * values > _HIST_CELLS:
@@ -385,7 +376,7 @@ def _first_by_bucket(index: torch.Tensor, room: int, seed: int, salt: int) -> to
     entry is judged by comparing its bucket with it, and only the edge bucket's few
     entries are keyed in full and sorted."""
     bucket = _tie_buckets(seed, salt, index)
-    seen = _bincount(bucket, minlength=1 << _BUCKET_BITS).cumsum(0)
+    seen = torch.bincount(bucket, minlength=1 << _BUCKET_BITS).cumsum(0)
     edge = int(torch.searchsorted(seen, torch.tensor([room], device=seen.device)))
     left = room - (int(seen[edge - 1]) if edge else 0)
     take = bucket < edge
@@ -398,7 +389,7 @@ def _first_by_bucket(index: torch.Tensor, room: int, seed: int, salt: int) -> to
 
 def _threshold_and_above(counts: torch.Tensor, rank: int) -> tuple[int, int]:
     """The ``rank``-th highest count (1-based) and how many counts exceed it, from a histogram."""
-    at_least = _bincount(counts.reshape(-1)).flip(0).cumsum(0).flip(0)  # at_least[v] = #(count >= v)
+    at_least = torch.bincount(counts.reshape(-1)).flip(0).cumsum(0).flip(0)  # at_least[v] = #(count >= v)
     threshold = int((at_least >= rank).sum()) - 1
     return threshold, int(at_least[threshold + 1]) if threshold + 1 < len(at_least) else 0
 

@@ -202,9 +202,10 @@ def test_tie_keys_are_the_counter_hash_on_every_device(device):
     assert torch.equal(tie_keys(7, 123, torch.tensor(index[5:9], device=device)), got[5:9])
 
 
-def test_tie_keys_split_over_threads_and_chunks_are_the_same_keys(monkeypatch):
-    """On the CPU the index is hashed in spans (one per thread) of small chunks: the keys,
-    their radix buckets and the masks are those of the plain definition."""
+def test_tie_keys_hashed_in_chunks_are_the_same_keys_and_buckets(monkeypatch):
+    """On the CPU indices are hashed in cache-sized chunks: the keys, their radix buckets
+    (the keys' top 16 bits, computed without the last mixing step) and the masks are
+    those of the plain definition."""
     import fedprune.selection as selection
 
     index = list(range(3, 3000, 7)) + [2**33 + 1]
@@ -212,9 +213,7 @@ def test_tie_keys_split_over_threads_and_chunks_are_the_same_keys(monkeypatch):
     counts = _counts(40, 50, 2, 17)
     cfg = PruneConfig(0.5, seed=11)
     whole = select_final_mask(counts, cfg, salt=4)
-    monkeypatch.setattr(selection, "_SPAN", 64)
     monkeypatch.setattr(selection, "_CHUNK", 24)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
     assert tie_keys(11, 4, torch.tensor(index)).tolist() == expected
     assert selection._tie_buckets(11, 4, torch.tensor(index)).tolist() == [k >> 16 for k in expected]
     assert torch.equal(select_final_mask(counts, cfg, salt=4), whole)
@@ -292,3 +291,27 @@ def test_apply_mask_zeroes_exactly_the_pruned_weights_and_keeps_the_rest_bit_for
     assert torch.equal(pruned.float(), torch.zeros(len(pruned))) and not torch.signbit(pruned).any()
     assert torch.equal(weight[~mask].view(torch.uint8), before[1].t()[~mask].view(torch.uint8))
     assert torch.equal(bank[[0, 2]].view(torch.uint8), before[[0, 2]].view(torch.uint8))
+
+
+@pytest.mark.parametrize("tie_break", ["random", "index", "magnitude"])
+def test_a_threshold_guessed_from_a_sample_gives_the_mask_of_the_full_histogram(monkeypatch, tie_break):
+    """Large layers guess the threshold from a sample and keep it only when the counts prove
+    it; a misleading sample (the k-th count at the edge of two values) falls back."""
+    import fedprune.selection as selection
+
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.randn(64, 64, generator=gen)
+    layers = [_counts(64, 64, clients, seed) for clients, seed in ((2, 1), (7, 2), (30, 3))]
+    edge = torch.zeros(64, 64, dtype=torch.int16)
+    edge.view(-1)[::4] = 1  # the sample (every 64th count) sees only 1s: it guesses 1, the truth is 0
+    for counts in layers + [edge]:
+        cfg = PruneConfig(0.5, tie_break=tie_break, seed=2)
+        monkeypatch.setattr(selection, "_SAMPLE", 1 << 30)  # always the full histogram
+        full = select_final_mask(counts, cfg, weight=weight, salt=1)
+        monkeypatch.setattr(selection, "_SAMPLE", 64)
+        assert torch.equal(select_final_mask(counts, cfg, weight=weight, salt=1), full)
+        assert int(full.sum()) == counts.numel() // 2
+    flat = edge.reshape(-1)
+    sample = flat[:: len(flat) // 64]
+    guess = selection._threshold(sample, max(1, round(len(flat) // 2 * len(sample) / len(flat))))
+    assert guess != selection._split_layer(flat, len(flat) // 2)[0]  # the sample did mislead
