@@ -184,26 +184,24 @@ def select_final_mask(
     if k == 0:
         return torch.zeros(shape, dtype=torch.bool, device=counts.device)
     if dim is None:
-        threshold, room, mask, tied = _split_layer(view, k)
+        room, mask, index = _split_layer(view, k)  # index: the tied weights, row-major
+        if config.tie_break in ("index", "reference"):  # lowest index first
+            mask[index[:room]] = True
+            return mask.reshape(shape)
+        if config.tie_break == "random":
+            take = _first_by_bucket(index, room, config.seed, salt)
+        else:
+            take = _first_in_groups(_tie_key(config, index, weight, salt), None, torch.tensor([room]))
     else:
         threshold, room = _thresholds(view, dim, k)
         mask, tied = view > threshold, view == threshold
-    if config.tie_break in ("index", "reference"):  # lowest index first
-        if dim is None:
-            if room:
-                last = int(tied.nonzero()[room - 1])
-                mask[: last + 1] |= tied[: last + 1]
-        else:
+        if config.tie_break in ("index", "reference"):
             mask |= tied & (tied.cumsum(dim=dim, dtype=torch.int32) <= room.reshape(threshold.shape))
-        return mask.reshape(shape)
-    index = tied.reshape(-1).nonzero().squeeze(1)  # row-major flat index
-    del tied
-    if dim is None and config.tie_break == "random":
-        take = _first_by_bucket(index, room, config.seed, salt)
-    else:
+            return mask.reshape(shape)
+        index = tied.reshape(-1).nonzero().squeeze(1)  # row-major flat index
+        del tied
         key = _tie_key(config, index, weight, salt)
-        room_per_group = torch.tensor([room]) if dim is None else room
-        take = _first_in_groups(key, _group_of(index, shape, config), room_per_group)
+        take = _first_in_groups(key, _group_of(index, shape, config), room)
     mask.reshape(-1).scatter_(0, index, take)  # the tied weights (not pruned yet) get ``take``
     return mask.reshape(shape)
 
@@ -242,11 +240,12 @@ _HIST_CHUNK = 1 << 20  # counts binned this many at a time (bounded temporaries)
 _SAMPLE = 1 << 16  # counts sampled to guess the layer's threshold
 
 
-def _split_layer(counts: torch.Tensor, k: int) -> tuple[int, int, torch.Tensor, torch.Tensor]:
-    """The layer group's threshold (its k-th highest count), its room, and the counts above
-    it and at it (boolean), all of the flat layer ``counts``.
+def _split_layer(counts: torch.Tensor, k: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """The layer group's split of the flat layer ``counts`` at its threshold (its k-th
+    highest count): the room (how many of the tied are pruned), the counts above the
+    threshold (boolean) and the flat index of those at it.
 
-    The threshold is guessed from a strided sample's histogram and proven by the two
+    The threshold is guessed from a strided sample's histogram and proven by the
     comparisons that are needed anyway: it is right exactly when fewer than k counts
     exceed it and at least k reach it. Otherwise (the k-th count sits at the edge of
     two values) it is read from the full histogram. Either way the exact threshold:
@@ -255,13 +254,16 @@ def _split_layer(counts: torch.Tensor, k: int) -> tuple[int, int, torch.Tensor, 
     if len(counts) >= 4 * _SAMPLE:
         sample = counts[:: len(counts) // _SAMPLE]
         guess = _threshold(sample, max(1, round(k * len(sample) / len(counts))))
-        above, tied = counts > guess, counts == guess
-        over, at = int(torch.count_nonzero(above)), int(torch.count_nonzero(tied))
-        if over < k <= over + at:
-            return guess, k - over, above, tied
-        del above, tied
+        above = counts > guess
+        over = int(torch.count_nonzero(above))
+        if over < k:
+            index = (counts == guess).nonzero().squeeze(1)
+            if k <= over + len(index):
+                return k - over, above, index
+            del index
+        del above
     threshold, room = _threshold_and_above_room(counts, k)
-    return threshold, room, counts > threshold, counts == threshold
+    return room, counts > threshold, (counts == threshold).nonzero().squeeze(1)
 
 
 def _thresholds(view: torch.Tensor, dim: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
