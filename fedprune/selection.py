@@ -254,16 +254,22 @@ def _split_layer(counts: torch.Tensor, k: int) -> tuple[int, torch.Tensor, torch
     if len(counts) >= 4 * _SAMPLE:
         sample = counts[:: len(counts) // _SAMPLE]
         guess = _threshold(sample, max(1, round(k * len(sample) / len(counts))))
-        above = counts > guess
-        over = int(torch.count_nonzero(above))
-        if over < k:
-            index = (counts == guess).nonzero().squeeze(1)
-            if k <= over + len(index):
-                return k - over, above, index
-            del index
-        del above
-    threshold, room = _threshold_and_above_room(counts, k)
-    return room, counts > threshold, (counts == threshold).nonzero().squeeze(1)
+        room, above, index = _split_at(counts, guess, k)
+        if 0 <= room <= len(index):
+            return room, above, index
+        del above, index
+    threshold, _ = _threshold_and_above_room(counts, k)
+    return _split_at(counts, threshold, k)
+
+
+def _split_at(counts: torch.Tensor, threshold: int, k: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """k minus the counts above ``threshold``, those counts (boolean), and the flat index of
+    the counts at it. One boolean buffer serves both comparisons: each fresh layer-sized
+    buffer costs page faults (large blocks are fresh mappings, ``fedprune.memory``)."""
+    flags = counts == threshold
+    index = flags.nonzero().squeeze(1)
+    torch.gt(counts, threshold, out=flags)
+    return k - int(torch.count_nonzero(flags)), flags, index
 
 
 def _thresholds(view: torch.Tensor, dim: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -433,11 +439,18 @@ def apply_mask(weight: torch.Tensor, mask: torch.Tensor) -> None:
 
     By multiplying the weights' bit patterns with the kept mask: several times
     faster on the CPU than ``masked_fill_``, which is the pruning of a large layer's
-    slowest step.
+    slowest step. The kept mask is ``mask`` itself, flipped for the call and flipped
+    back, so ``mask`` must not be read by another thread meanwhile.
     """
-    keep = mask.to(weight.device).logical_not()
     bits = weight.view(_SAME_SIZE_INT[weight.element_size()]) if weight.is_floating_point() else weight
-    bits.mul_(keep)
+    if mask.device != weight.device or mask.dtype != torch.bool:
+        bits.mul_(mask.to(device=weight.device, dtype=torch.bool).logical_not_())
+        return
+    mask.logical_not_()  # flipped in place and back: no layer-sized temporary (page faults)
+    try:
+        bits.mul_(mask)
+    finally:
+        mask.logical_not_()
 
 
 def scale_retained(weight: torch.Tensor, vote_counts: torch.Tensor, num_clients: int) -> None:

@@ -304,7 +304,9 @@ def test_a_threshold_guessed_from_a_sample_gives_the_mask_of_the_full_histogram(
     layers = [_counts(64, 64, clients, seed) for clients, seed in ((2, 1), (7, 2), (30, 3))]
     edge = torch.zeros(64, 64, dtype=torch.int16)
     edge.view(-1)[::4] = 1  # the sample (every 64th count) sees only 1s: it guesses 1, the truth is 0
-    for counts in layers + [edge]:
+    exact = torch.ones(64, 64, dtype=torch.int16)
+    exact.view(-1)[1::2] = 2  # exactly k counts above the guess (1): nothing tied is pruned
+    for counts in layers + [edge, exact]:
         cfg = PruneConfig(0.5, tie_break=tie_break, seed=2)
         monkeypatch.setattr(selection, "_SAMPLE", 1 << 30)  # always the full histogram
         full = select_final_mask(counts, cfg, weight=weight, salt=1)
