@@ -222,15 +222,14 @@ def _member_view(counts: torch.Tensor, config: PruneConfig) -> tuple[torch.Tenso
     return counts, 0, int(rows * config.sparsity)
 
 
-def _group_of(index: torch.Tensor, shape: tuple[int, ...], config: PruneConfig) -> torch.Tensor | None:
-    """The comparison group of each flat index (None: one group, the layer)."""
+def _group_of(index: torch.Tensor, shape: tuple[int, ...], config: PruneConfig) -> torch.Tensor:
+    """The comparison group (N:M group, row or column) of each flat index; the layer
+    group is one group (``_split_layer``)."""
     if config.nm is not None:
         return torch.div(index, config.nm[1], rounding_mode="floor")
     if config.comparison_group == "row":
         return torch.div(index, shape[1], rounding_mode="floor")
-    if config.comparison_group == "column":
-        return torch.remainder(index, shape[1])
-    return None
+    return torch.remainder(index, shape[1])
 
 
 _HIST_CELLS = 1 << 24  # per-group count histograms up to this size; kthvalue beyond
@@ -258,8 +257,7 @@ def _split_layer(counts: torch.Tensor, k: int) -> tuple[int, torch.Tensor, torch
         if 0 <= room <= len(index):
             return room, above, index
         del above, index
-    threshold, _ = _threshold_and_above_room(counts, k)
-    return _split_at(counts, threshold, k)
+    return _split_at(counts, _threshold(counts, k), k)
 
 
 def _split_at(counts: torch.Tensor, threshold: int, k: int) -> tuple[int, torch.Tensor, torch.Tensor]:
@@ -395,22 +393,10 @@ def _first_by_bucket(index: torch.Tensor, room: int, seed: int, salt: int) -> to
     return take
 
 
-def _threshold_and_above(counts: torch.Tensor, rank: int) -> tuple[int, int]:
-    """The ``rank``-th highest count (1-based) and how many counts exceed it, from a histogram."""
-    at_least = torch.bincount(counts.reshape(-1)).flip(0).cumsum(0).flip(0)  # at_least[v] = #(count >= v)
-    threshold = int((at_least >= rank).sum()) - 1
-    return threshold, int(at_least[threshold + 1]) if threshold + 1 < len(at_least) else 0
-
-
-def _threshold_and_above_room(counts: torch.Tensor, k: int) -> tuple[int, int]:
-    """The k-th highest count and the room left at it (k minus the counts above it)."""
-    threshold, above = _threshold_and_above(counts, k)
-    return threshold, k - above
-
-
 def _threshold(counts: torch.Tensor, rank: int) -> int:
-    """The ``rank``-th highest count (1-based)."""
-    return _threshold_and_above(counts, rank)[0]
+    """The ``rank``-th highest count (1-based), from a histogram."""
+    at_least = torch.bincount(counts.reshape(-1)).flip(0).cumsum(0).flip(0)  # at_least[v] = #(count >= v)
+    return int((at_least >= rank).sum()) - 1
 
 
 def _reference_fill(counts: torch.Tensor, k: int, fill: torch.Generator) -> torch.Tensor:
